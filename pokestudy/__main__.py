@@ -1,0 +1,3 @@
+from pokestudy.cli import main
+
+raise SystemExit(main())

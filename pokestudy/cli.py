@@ -1,0 +1,203 @@
+"""Command line: `pokestudy data info`, `train`, `run`, `report`, `studies`, `dashboard`.
+
+User mistakes surface as `UserError`: one line on stderr, exit code 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import fields
+from pathlib import Path
+
+from pokestudy import UserError
+
+
+def _data_info(args: argparse.Namespace) -> None:
+    from pokestudy.data import prepare
+    from pokestudy.data.sources import cache_root
+
+    m = prepare(args.data, args.res).manifest
+    info = {"classes": m["classes"], "images": m["images"], "per_class": m["per_class"],
+            "skipped": m["skipped"], "duplicates": m["duplicates"], "splits": m["splits"],
+            "extras": m["extras"], "cache": str(cache_root() / "datasets")}
+    if args.json:
+        print(json.dumps(info))
+        return
+    pc = info["per_class"]
+    print(f"classes     {info['classes']}\nimages      {info['images']} "
+          f"(per class min {pc['min']}, median {pc['median']}, max {pc['max']})\n"
+          f"duplicates  {info['duplicates']} removed\nskipped     {len(info['skipped'])} files")
+    for s in info["skipped"]:
+        print(f"  {s['path']}: {s['reason']}")
+    print("splits      " + ", ".join(f"{k} {v}" for k, v in info["splits"].items()))
+    for name, n in info["extras"].items():
+        print(f"extra set   {name} {n}")
+    print(f"cache       {info['cache']}")
+
+
+def _train(args: argparse.Namespace) -> None:
+    from pokestudy.data import prepare
+    from pokestudy.train import Diverged, TrialConfig, run_trial
+
+    names = {f.name for f in fields(TrialConfig)}
+    cfg = TrialConfig(**{k: v for k, v in vars(args).items() if k in names and v is not None})
+    data = prepare(args.data, cfg.res)
+    columns = ["epoch", "train_acc", "val_acc", "test_acc", "gap", *[f"{n}_acc" for n in data.sets if n not in
+                                                                   ("train", "val", "test")], "images_per_s"]
+    if not args.json:
+        print("  ".join(f"{c:>12}" for c in columns))
+
+    def show(record: dict) -> None:
+        if args.json:
+            print(json.dumps(record), flush=True)
+        else:
+            print("  ".join(f"{record[c]:>12.3f}" if c != "epoch" else f"{record[c]:>12d}" for c in columns), flush=True)
+
+    try:
+        summary = run_trial(cfg, data, show)
+    except Diverged as e:
+        raise UserError(str(e)) from None
+    final, best = summary["final"], summary["best"]
+    if args.json:
+        print(json.dumps({"final": True, **final, "best_epoch": best["epoch"], "best_val_acc": best["val_acc"]}))
+    else:
+        print(f"\n{cfg.arch}, augment={cfg.augment}: train {final['train_acc']:.3f}, test {final['test_acc']:.3f}, "
+              f"gap {final['gap']:+.3f} after {final['epoch']} epochs ({final['seconds']:.0f} s); "
+              f"best val {best['val_acc']:.3f} at epoch {best['epoch']}")
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="pokestudy", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command", required=True)
+
+    data = sub.add_parser("data", help="inspect a data source").add_subparsers(dest="data_command", required=True)
+    info = data.add_parser("info", help="classes, images, skipped files, duplicates, split sizes, cache path")
+    info.add_argument("--data", default="sprites", help="sprites (default), synthetic[:k=v,...] or a folder PATH")
+    info.add_argument("--res", type=int, default=64)
+    info.add_argument("--json", action="store_true")
+    info.set_defaults(func=_data_info)
+
+    t = sub.add_parser("train", help="train one trial and print every epoch")
+    t.add_argument("--data", default="sprites")
+    t.add_argument("--arch", required=True)
+    t.add_argument("--augment")
+    for flag, kind in [("epochs", int), ("res", int), ("width", int), ("lr", float), ("weight-decay", float),
+                       ("dropout", float), ("label-smoothing", float), ("batch-size", int), ("seed", int),
+                       ("patience", int)]:
+        t.add_argument(f"--{flag}", type=kind)
+    t.add_argument("--optimizer")
+    t.add_argument("--device")
+    t.add_argument("--json", action="store_true", help="one JSON object per epoch, then a final summary")
+    t.set_defaults(func=_train)
+
+    r = sub.add_parser("run", help="run a study with Ray Tune, every epoch stored in Optuna")
+    r.add_argument("--study", required=True, help="a name from studies/ or a path to a .yaml spec")
+    r.add_argument("--data", help="override the spec's data source")
+    r.add_argument("--address", help="an existing Ray cluster (default: a local Ray sized to this machine)")
+    r.add_argument("--max-concurrent", type=int, help="at most this many trials at once")
+    r.add_argument("--gpus-per-trial", type=float, help="GPU fraction per trial (overrides the spec)")
+    r.add_argument("--verbose", action="store_true", help="show Ray's own logs")
+    _storage_args(r, study_name=True)
+    r.set_defaults(func=_run)
+
+    rep = sub.add_parser("report", help="rebuild tables and figures of a study from the storage alone")
+    rep.add_argument("--study", required=True)
+    rep.add_argument("--format", default="csv,md,tex,json", help="comma-separated: csv, md, tex, json")
+    _storage_args(rep)
+    rep.set_defaults(func=_report)
+
+    st = sub.add_parser("studies", help="list the studies in a storage (or the specs with --available)")
+    st.add_argument("--available", action="store_true", help="list the study specs shipped in studies/")
+    _storage_args(st)
+    st.set_defaults(func=_studies)
+
+    d = sub.add_parser("dashboard", help="open optuna-dashboard on the study storage")
+    d.add_argument("--host", default="127.0.0.1")
+    d.add_argument("--port", type=int, default=8080)
+    _storage_args(d)
+    d.set_defaults(func=_dashboard)
+    return p
+
+
+def _storage_args(p: argparse.ArgumentParser, study_name: bool = False) -> None:
+    p.add_argument("--results", default="results", type=Path, help="results directory (default: results/)")
+    p.add_argument("--storage", help="Optuna storage URL (default: sqlite:///RESULTS/pokestudy.db)")
+    if study_name:
+        p.add_argument("--study-name", help="name of the Optuna study (default: the spec's name)")
+
+
+def _storage_url(args: argparse.Namespace) -> str:
+    return args.storage or f"sqlite:///{(args.results / 'pokestudy.db').as_posix()}"
+
+
+def _run(args: argparse.Namespace) -> None:
+    from pokestudy.report import build
+    from pokestudy.study import runner, spec
+
+    study = spec.load(args.study)
+    store = runner.run(study, storage=_storage_url(args), results=args.results,
+                       study_name=args.study_name or study.name, data=args.data, address=args.address,
+                       max_concurrent=args.max_concurrent, gpus_per_trial=args.gpus_per_trial, verbose=args.verbose)
+    build(store.study, args.results, ("csv", "md", "tex", "json"))
+
+
+def _report(args: argparse.Namespace) -> None:
+    from pokestudy.report import build
+    from pokestudy.study.store import open_study
+
+    formats = tuple(f.strip() for f in args.format.split(",") if f.strip())
+    bad = set(formats) - {"csv", "md", "tex", "json"}
+    if bad or not formats:
+        raise UserError(f"unknown format(s) {', '.join(sorted(bad)) or '(none)'}; use csv, md, tex, json")
+    build(open_study(_storage_url(args), args.study), args.results, formats)
+
+
+def _studies(args: argparse.Namespace) -> None:
+    import optuna
+
+    from pokestudy.study import spec
+    from pokestudy.study.store import storage
+
+    if args.available:
+        for path in spec.available():
+            print(f"{path.stem:<10} {spec.load(str(path)).question}")
+        return
+    url = _storage_url(args)
+    summaries = optuna.get_all_study_summaries(storage(url), include_best_trial=False)
+    if not summaries:
+        print(f"no studies in {url}; start one with `pokestudy run --study overfit`")
+    for s in summaries:
+        states = optuna.load_study(study_name=s.study_name, storage=storage(url)).get_trials(deepcopy=False)
+        counts: dict[str, int] = {}
+        for t in states:
+            counts[t.state.name] = counts.get(t.state.name, 0) + 1
+        print(f"{s.study_name:<16} {s.n_trials:>4} trials  " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
+
+
+def _dashboard(args: argparse.Namespace) -> None:
+    from optuna_dashboard import run_server
+
+    from pokestudy.report import artifact_store
+    from pokestudy.study.store import storage
+
+    if args.host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"pokestudy: warning: the dashboard on {args.host} is reachable by others and has no login",
+              file=sys.stderr)
+    print(f"optuna-dashboard on http://{args.host}:{args.port}/ (Ctrl-C to stop)", file=sys.stderr)
+    run_server(storage(_storage_url(args)), host=args.host, port=args.port,
+               artifact_store=artifact_store(args.results))
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        args.func(args)
+    except UserError as e:
+        print(f"pokestudy: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("pokestudy: interrupted; rerun the same command to continue", file=sys.stderr)
+        return 130
+    return 0

@@ -1,0 +1,125 @@
+"""Data: decode a source once into a cached uint8 tensor, then split it for trials.
+
+`load` returns the cached `Dataset`; `prepare` adds the split and hands trials a `Prepared`
+bundle of tensors. Nothing downstream ever opens an image file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import statistics
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pokestudy import UserError, __version__
+from pokestudy.data import sources
+from pokestudy.data.split import SPLITS, split
+
+CACHE_FORMAT = 1  # bump when decoding changes, so old caches are rebuilt
+MIN_RES, MAX_RES = 16, 1024
+
+
+@dataclass
+class Dataset:
+    """Decoded, de-duplicated images at one resolution: exactly what the cache file holds."""
+
+    images: torch.Tensor  # N x 3 x R x R, uint8
+    labels: torch.Tensor  # N, int64
+    groups: torch.Tensor  # N, int64: images of one group always land in the same split
+    hashes: list[str]
+    classes: list[str]
+    extras: dict[str, tuple[torch.Tensor, torch.Tensor]]  # named extra evaluation sets
+    manifest: dict
+    path: Path
+
+
+@dataclass
+class Prepared:
+    """What a trial needs: (images, labels) per evaluation set — train, val, test, then extras."""
+
+    sets: dict[str, tuple[torch.Tensor, torch.Tensor]]
+    classes: list[str]
+    manifest: dict
+
+
+def check_res(res: int) -> None:
+    if not MIN_RES <= res <= MAX_RES:
+        raise UserError(f"resolution {res} is out of range; use {MIN_RES}..{MAX_RES} pixels (64 suits a CPU)")
+
+
+def load(spec: str, res: int) -> Dataset:
+    """The dataset for `spec` at `res`, from the cache when its inputs are unchanged."""
+    check_res(res)
+    source = sources.parse(spec)
+    key = {**source.describe(), "res": res, "format": CACHE_FORMAT}
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    path = sources.cache_root() / "datasets" / f"{source.kind}-{res}px-{digest}.pt"
+    if not path.exists():
+        if sys.stderr.isatty():
+            print(f"decoding {source.kind} data at {res}px into the cache (once)…", file=sys.stderr)
+        _write(_build(source.load(res), key), path)
+    blob = torch.load(path, weights_only=True, mmap=True)
+    return Dataset(**blob, path=path)
+
+
+def _build(raw: sources.Raw, key: dict) -> dict:
+    """Drop exact duplicates (first copy wins), number the groups, and write the manifest."""
+    seen: dict[str, int] = {}
+    keep = []
+    for i, h in enumerate(raw.hashes):
+        if h not in seen:
+            seen[h] = i
+            keep.append(i)
+    group_ids = {g: n for n, g in enumerate(dict.fromkeys(raw.groups[i] for i in keep))}
+    labels = torch.tensor([raw.labels[i] for i in keep], dtype=torch.long)
+    counts = torch.bincount(labels, minlength=len(raw.classes)).tolist()
+    manifest = {
+        **key,
+        "pokestudy": __version__,
+        "classes": len(raw.classes),
+        "images": len(keep),
+        "per_class": {"min": min(counts), "median": statistics.median(counts), "max": max(counts)},
+        "duplicates": len(raw.hashes) - len(keep),
+        "skipped": raw.skipped,
+        "extras": {name: len(labels_) for name, (_, labels_) in raw.extras.items()},
+    }
+    return {
+        "images": _stack([raw.images[i] for i in keep]),
+        "labels": labels,
+        "groups": torch.tensor([group_ids[raw.groups[i]] for i in keep], dtype=torch.long),
+        "hashes": [raw.hashes[i] for i in keep],
+        "classes": raw.classes,
+        "extras": {name: (_stack(imgs), torch.tensor(lbls, dtype=torch.long))
+                   for name, (imgs, lbls) in raw.extras.items()},
+        "manifest": manifest,
+    }
+
+
+def _stack(images: list[np.ndarray]) -> torch.Tensor:
+    return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()
+
+
+def _write(blob: dict, path: Path) -> None:
+    """Write to a temporary name and rename, so an interrupted decode never leaves half a cache."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    torch.save(blob, tmp)
+    os.replace(tmp, path)
+
+
+def prepare(spec: str, res: int, split_seed: int = 0,
+            fractions: tuple[float, float, float] = (0.7, 0.15, 0.15)) -> Prepared:
+    """Load (or decode) the data and split it; the split depends only on the data and `split_seed`."""
+    ds = load(spec, res)
+    idx = split(ds.labels, ds.groups, fractions, split_seed)
+    sets = {s: (ds.images[idx[s]], ds.labels[idx[s]]) for s in SPLITS}
+    sets.update(ds.extras)
+    manifest = {**ds.manifest, "split_seed": split_seed, "fractions": list(fractions),
+                "splits": {s: len(idx[s]) for s in SPLITS}}
+    return Prepared(sets=sets, classes=ds.classes, manifest=manifest)

@@ -1,0 +1,71 @@
+"""Augmentation policies that work on whole batches of tensors (no PIL in the training loop).
+
+A policy is either *online* (a fresh random transform for every batch) or *offline* (the
+report's method: augmented copies made once, growing each class to a target count, then
+trained on as plain data). Add a policy by adding an entry to POLICIES.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+Transform = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
+
+
+def paper(x: torch.Tensor, gen: torch.Generator, degrees: float = 30.0) -> torch.Tensor:
+    """The report's transform: random rotation, horizontal flip, vertical flip, per image.
+
+    One affine grid does all three; corners uncovered by the rotation are filled with white,
+    like the images' own background. `x` is float in [0, 1], N x C x H x W.
+    """
+    n = x.shape[0]
+    angle = (torch.rand(n, generator=gen, device=gen.device) * 2 - 1) * math.radians(degrees)
+    sx = torch.where(torch.rand(n, generator=gen, device=gen.device) < 0.5, -1.0, 1.0)
+    sy = torch.where(torch.rand(n, generator=gen, device=gen.device) < 0.5, -1.0, 1.0)
+    cos, sin = torch.cos(angle), torch.sin(angle)
+    zero = torch.zeros_like(cos)
+    theta = torch.stack([torch.stack([cos * sx, -sin * sy, zero], 1),
+                         torch.stack([sin * sx, cos * sy, zero], 1)], 1).to(x.dtype)
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    return F.grid_sample(x - 1, grid, align_corners=False) + 1
+
+
+@dataclass(frozen=True)
+class Policy:
+    online: Transform | None = None
+    offline: Transform | None = None
+
+
+POLICIES: dict[str, Policy] = {
+    "none": Policy(),
+    "paper": Policy(online=paper),
+    "paper-offline": Policy(offline=paper),
+}
+
+
+def expand(images: torch.Tensor, labels: torch.Tensor, transform: Transform, target: int,
+           gen: torch.Generator, batch: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+    """Grow every class to `target` images with augmented copies of its own images (made once).
+
+    Copies cycle through a class's images so each original is copied about equally often.
+    Returns uint8 images with the originals first.
+    """
+    sources = []
+    for c in labels.unique():
+        members = (labels == c).nonzero().flatten()
+        missing = target - len(members)
+        if missing > 0:
+            sources.append(members[torch.arange(missing) % len(members)])
+    if not sources:
+        return images, labels
+    src = torch.cat(sources)
+    copies = []
+    for chunk in src.split(batch):
+        x = images[chunk].to(gen.device).float() / 255
+        copies.append((transform(x, gen) * 255).round().clamp(0, 255).to(torch.uint8).to(images.device))
+    return torch.cat([images, *copies]), torch.cat([labels, labels[src]])

