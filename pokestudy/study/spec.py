@@ -51,6 +51,27 @@ class Resources(Strict):
     retries: int = Field(1, ge=0)  # a trial whose worker dies is retried this many times, then FAIL
 
 
+class Range(Strict):
+    low: float
+    high: float
+    log: bool = False
+
+    @model_validator(mode="after")
+    def _ordered(self) -> "Range":
+        if not self.low < self.high or (self.log and self.low <= 0):
+            raise ValueError(f"bad range: need low < high (and low > 0 with log), got {self.low}..{self.high}")
+        return self
+
+
+class Nuisance(Strict):
+    """Settings tuned per condition on validation accuracy, before the seeds are run."""
+
+    params: dict[str, Range] = Field(min_length=1)
+    trials: int = Field(8, ge=1)  # per condition
+    sampler: Literal["tpe", "random"] = "tpe"
+    asha_grace: int | None = Field(None, ge=1)  # epochs before ASHA may stop a weak trial; None: no ASHA
+
+
 class Study(Strict):
     """One study: what question it answers, and exactly which trials answer it."""
 
@@ -59,6 +80,7 @@ class Study(Strict):
     data: DataSpec = DataSpec()
     factors: dict[str, list[Scalar] | dict[str, dict[str, Scalar]]]
     fixed: dict[str, Scalar] = {}
+    nuisance: Nuisance | None = None
     seeds: list[int] = Field(min_length=1)
     objective: Literal["val_acc"] = "val_acc"
     resources: Resources = Resources()
@@ -81,6 +103,11 @@ class Study(Strict):
         unknown = set(self.fixed) - SETTINGS
         if unknown:
             raise ValueError(f"unknown fixed setting(s) {', '.join(sorted(unknown))}; known: {', '.join(sorted(SETTINGS))}")
+        tuned = set(self.nuisance.params) if self.nuisance else set()
+        if tuned - SETTINGS:
+            raise ValueError(f"unknown nuisance parameter(s) {', '.join(sorted(tuned - SETTINGS))}")
+        if tuned & set(self.fixed):
+            raise ValueError(f"{', '.join(sorted(tuned & set(self.fixed)))} is both fixed and tuned; keep one")
         for cond in self.conditions():
             TrialConfig.from_dict(self.settings(cond))
         return self
@@ -101,8 +128,11 @@ class Study(Strict):
                 out[factor] = next(v for v in levels if str(v) == level)
         return out
 
-    def trials(self) -> list["Work"]:
-        return [Work(key=f"{condition_id(c)}/seed={s}", condition=c, seed=s, settings=self.settings(c, s))
+    def trials(self, tuned: dict[str, dict[str, Any]] | None = None) -> list["Work"]:
+        """The seeded trials; `tuned` maps a condition id to its chosen nuisance values."""
+        tuned = tuned or {}
+        return [Work(key=f"{condition_id(c)}/seed={s}", condition=c, seed=s,
+                     settings={**self.settings(c, s), **tuned.get(condition_id(c), {})})
                 for c in self.conditions() for s in self.seeds]
 
     def digest(self) -> str:

@@ -1,8 +1,9 @@
-"""The Optuna side: one Optuna study per pokestudy study, written only by the driver.
+"""The Optuna side: studies written only by the driver.
 
 Each trial becomes one Optuna trial: the factors and settings as params, validation accuracy
 per epoch as intermediate values, final and best-epoch metrics as user attributes. The trial
-key (condition + seed) is what makes a rerun resume instead of repeat.
+key (condition + seed, or condition + tuning number) is what makes a rerun resume instead of
+repeat.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import importlib.metadata
 import logging
 
 import optuna
-from optuna.distributions import CategoricalDistribution
+from optuna.distributions import BaseDistribution, CategoricalDistribution
 from optuna.trial import TrialState, create_trial
 
 from pokestudy import UserError
@@ -38,26 +39,39 @@ def open_study(url: str, name: str) -> optuna.Study:
         raise UserError(f"no study {name!r} in {url}; `pokestudy studies --storage {url}` lists them") from None
 
 
+def study_attrs(spec: Study, manifest: dict) -> dict:
+    """What a study's results depend on: the spec as loaded, the data, the package versions."""
+    return {"spec": spec.model_dump(mode="json"), "spec_hash": spec.digest(), "data_manifest": manifest,
+            "versions": {p: _version(p) for p in PACKAGES}}
+
+
+def grid_distributions(plan: list[Work]) -> dict[str, BaseDistribution]:
+    """Optuna needs one distribution per param across a study: every value the plan gives it."""
+    values: dict[str, list] = {}
+    for work in plan:
+        for k, v in params(work).items():
+            values.setdefault(k, []).append(v)
+    return {k: CategoricalDistribution(list(dict.fromkeys(v))) for k, v in values.items()}
+
+
+def params(work: Work) -> dict:
+    """Params of a trial: every factor's level name and every setting it runs with (seed apart)."""
+    return {**work.condition, **{k: v for k, v in work.settings.items() if k != "seed"}}
+
+
 class Store:
-    def __init__(self, url: str, study_name: str, spec: Study, manifest: dict):
+    def __init__(self, url: str, study_name: str, attrs: dict,
+                 sampler: optuna.samplers.BaseSampler | None = None):
         self.storage = storage(url)
-        self.study = optuna.create_study(study_name=study_name, storage=self.storage,
+        self.study = optuna.create_study(study_name=study_name, storage=self.storage, sampler=sampler,
                                          direction="maximize", load_if_exists=True)
         self.study_id = self.storage.get_study_id_from_name(study_name)
         self.open: dict[str, optuna.Trial] = {}
-        # Optuna needs one distribution per param across the whole study: every value it takes.
-        values: dict[str, list] = {}
-        for work in spec.trials():
-            for k, v in _params(work).items():
-                values.setdefault(k, []).append(v)
-        self.distributions = {k: CategoricalDistribution(list(dict.fromkeys(v))) for k, v in values.items()}
-        versions = {p: _version(p) for p in PACKAGES}
-        for key, value in {"spec": spec.model_dump(mode="json"), "spec_hash": spec.digest(),
-                           "data_manifest": manifest, "versions": versions}.items():
+        for key, value in attrs.items():
             self.study.set_user_attr(key, value)
 
-    def done_keys(self) -> set[str]:
-        return {t.user_attrs["key"] for t in self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    def keys(self, *states: TrialState) -> set[str]:
+        return {t.user_attrs["key"] for t in self.study.get_trials(deepcopy=False, states=states)
                 if "key" in t.user_attrs}
 
     def fail_stale(self) -> int:
@@ -67,14 +81,21 @@ class Store:
             self.study.tell(t.number, state=TrialState.FAIL)
         return len(stale)
 
-    def start(self, work: Work) -> None:
+    def start(self, work: Work, distributions: dict[str, BaseDistribution]) -> None:
         """Create the RUNNING trial with its params and key in one write, so no half-made trial exists."""
-        params = _params(work)
-        template = create_trial(state=TrialState.RUNNING, params=params,
-                                distributions={k: self.distributions[k] for k in params},
-                                user_attrs={"key": work.key, "condition": condition_id(work.condition), "seed": work.seed})
-        trial_id = self.storage.create_new_trial(self.study_id, template_trial=template)
-        self.open[work.key] = optuna.Trial(self.study, trial_id)
+        p = params(work)
+        template = create_trial(state=TrialState.RUNNING, params=p, distributions={k: distributions[k] for k in p},
+                                user_attrs=_identity(work))
+        self.open[work.key] = optuna.Trial(self.study, self.storage.create_new_trial(self.study_id, template))
+
+    def ask(self, space: dict[str, BaseDistribution]) -> optuna.Trial:
+        """A tuning trial: the study's sampler (TPE) proposes the nuisance values."""
+        return self.study.ask(space)
+
+    def adopt(self, work: Work, trial: optuna.Trial) -> None:
+        for k, v in _identity(work).items():
+            trial.set_user_attr(k, v)
+        self.open[work.key] = trial
 
     def epoch(self, key: str, record: dict) -> None:
         self.open[key].report(record["val_acc"], step=int(record["epoch"]))
@@ -83,7 +104,7 @@ class Store:
         trial = self.open.pop(key)
         final, best = summary["final"], summary["best"]
         attrs = {k: v for k, v in final.items() if k.endswith(("_acc", "_gap", "_loss")) or k == "gap"}
-        attrs.update({f"best_{k}": v for k, v in best.items() if k.endswith("_acc") or k.endswith("gap")})
+        attrs.update({f"best_{k}": v for k, v in best.items() if k.endswith(("_acc", "gap"))})
         attrs.update(best_epoch=best["epoch"], epochs=final["epoch"], seconds=final["seconds"],
                      images_per_s=final["images_per_s"], test_predictions=summary["test_predictions"],
                      history={k: [r[k] for r in summary["history"]] for k in final if k.endswith("_acc")})
@@ -96,10 +117,13 @@ class Store:
         trial.set_user_attr("error", error[-2000:])
         self.study.tell(trial, state=TrialState.FAIL)
 
+    def prune(self, key: str) -> None:
+        """Stopped early by the scheduler (ASHA): its epochs stay, its value does not count."""
+        self.study.tell(self.open.pop(key), state=TrialState.PRUNED)
 
-def _params(work: Work) -> dict:
-    """Params of a trial: every factor's level name and every setting it runs with (seed apart)."""
-    return {**work.condition, **{k: v for k, v in work.settings.items() if k != "seed"}}
+
+def _identity(work: Work) -> dict:
+    return {"key": work.key, "condition": condition_id(work.condition), "seed": work.seed}
 
 
 def _version(package: str) -> str:

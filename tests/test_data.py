@@ -1,0 +1,106 @@
+"""Data: messy folders, the sprites package, synthetic data, the cache and the splits."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from pokestudy import UserError
+from pokestudy.data import load, prepare
+from pokestudy.data.split import split
+from tests.conftest import pokestudy
+
+
+def test_messy_folder_is_decoded_by_content_and_every_skip_has_a_reason(messy_folder: Path):
+    ds = load(str(messy_folder), 32)
+    skipped = {s["path"]: s["reason"] for s in ds.manifest["skipped"]}
+    assert set(skipped) == {"class0/vector.svg", "class0/vector-named.png", "class0/truncated.jpg", "class1/bomb.png"}
+    assert "decompression bomb" in skipped["class1/bomb.png"] or "too large" in skipped["class1/bomb.png"]
+    assert ds.manifest["duplicates"] == 1
+    # 8 + lying.asp + .png.sb-… + .jpg') in class0; 8 + palette, gray, rgba, huge in class1; 8; 1 in tiny
+    assert torch.bincount(ds.labels).tolist() == [11, 12, 8, 1]
+    assert ds.images.shape[1:] == (3, 32, 32) and ds.images.dtype == torch.uint8
+    rgba = ds.images[ds.labels == 1]
+    assert (rgba[..., 0, 0] == 255).any(), "transparent pixels are composited on white"
+
+
+def test_cache_is_reused_while_inputs_are_unchanged_and_rebuilt_when_they_change(messy_folder: Path):
+    first = load(str(messy_folder), 32)
+    mtime = first.path.stat().st_mtime_ns
+    assert load(str(messy_folder), 32).path.stat().st_mtime_ns == mtime
+    (messy_folder / "class2" / "new.jpg").write_bytes((messy_folder / "class1" / "0.jpg").read_bytes()[:-1] + b"\xd9")
+    changed = load(str(messy_folder), 32)
+    assert changed.path != first.path
+
+
+@pytest.mark.parametrize("problem, message", [
+    ("missing", "does not exist"),
+    ("no-classes", "no class sub-folders"),
+    ("undecodable-class", "no decodable image"),
+])
+def test_bad_folders_are_refused_without_writing_a_cache(tmp_path: Path, private_cache: Path, problem: str, message: str):
+    path = tmp_path / "data"
+    if problem == "no-classes":
+        path.mkdir()
+        (path / "stray.jpg").write_bytes(b"x")
+    elif problem == "undecodable-class":
+        (path / "ok").mkdir(parents=True)
+        (path / "broken").mkdir()
+        (path / "broken" / "a.jpg").write_text("not an image")
+    before = set((private_cache / "datasets").glob("*")) if (private_cache / "datasets").exists() else set()
+    with pytest.raises(UserError, match=message):
+        load(str(path), 32)
+    after = set((private_cache / "datasets").glob("*")) if (private_cache / "datasets").exists() else set()
+    assert after == before
+
+
+def test_synthetic_is_deterministic():
+    a, b = load("synthetic:classes=4,per_class=6,size=16", 32), load("synthetic:classes=4,per_class=6,size=16", 32)
+    assert torch.equal(a.images, b.images) and a.manifest["images"] == 24
+
+
+def _groups_by_split(labels, groups, idx):
+    return {s: set(groups[i].tolist()) for s, i in idx.items()}
+
+
+@pytest.mark.parametrize("seed", [0, 1, 7])
+def test_splits_are_group_aware_stratified_and_deterministic(seed: int):
+    ds = load("synthetic:classes=5,per_class=30,size=16", 32)
+    idx = split(ds.labels, ds.groups, seed=seed)
+    g = _groups_by_split(ds.labels, ds.groups, idx)
+    assert not (g["train"] & g["val"]) and not (g["train"] & g["test"]) and not (g["val"] & g["test"])
+    assert sum(len(i) for i in idx.values()) == len(ds.labels)
+    for s in ("train", "val", "test"):
+        assert set(ds.labels[idx[s]].tolist()) == set(range(5)), f"every class appears in {s}"
+    assert 0.6 < len(idx["train"]) / len(ds.labels) < 0.8
+    again = split(ds.labels, ds.groups, seed=seed)
+    assert all(torch.equal(idx[s], again[s]) for s in idx)
+    other = split(ds.labels, ds.groups, seed=seed + 100)
+    assert not all(torch.equal(idx[s], other[s]) for s in idx)
+
+
+def test_duplicates_never_straddle_a_split(messy_folder: Path):
+    ds = load(str(messy_folder), 32)
+    assert len(set(ds.hashes)) == len(ds.hashes)
+
+
+def test_sprites_source_has_gen1_animations_grouped_and_the_artwork_set():
+    ds = prepare("sprites", 32)
+    m = ds.manifest
+    assert m["classes"] == 151 and len(ds.classes) == 151 and ds.classes[24] == "pikachu"
+    assert m["per_class"]["median"] >= 25
+    x, y = ds.sets["artwork"]
+    assert len(y) == 151 and x.shape[1:] == (3, 32, 32)
+    assert set(ds.sets) == {"train", "val", "test", "artwork"}
+
+
+def test_data_info_json(messy_folder: Path):
+    out = pokestudy("data", "info", "--data", str(messy_folder), "--res", "32", "--json")
+    assert out.returncode == 0, out.stderr
+    info = json.loads(out.stdout)
+    assert info["classes"] == 4 and info["images"] == 32 and info["duplicates"] == 1
+    assert {s["path"] for s in info["skipped"]} >= {"class0/vector.svg", "class0/truncated.jpg"}
+    assert sum(info["splits"].values()) == 32 and Path(info["cache"]).is_dir()
