@@ -127,7 +127,11 @@ def run_trial(cfg: TrialConfig, data: Prepared, on_epoch: Callable[[Record], Non
     policy = POLICIES[cfg.augment]
     x_pool, y_pool = x_train.to(device), y_train.to(device)
     if policy.offline:
-        x_pool, y_pool = expand(x_pool, y_pool, policy.offline, cfg.offline_target, gen)
+        held_out = [data.sets[s] for s in ("val", "test")] if policy.leak else []
+        x_src = torch.cat([x_train, *(x for x, _ in held_out)]).to(device)
+        y_src = torch.cat([y_train, *(y for _, y in held_out)]).to(device)
+        x_all, y_all = expand(x_src, y_src, policy.offline, cfg.offline_target, gen)
+        x_pool, y_pool = torch.cat([x_pool, x_all[len(y_src):]]), torch.cat([y_pool, y_all[len(y_src):]])
 
     model = MODELS[cfg.arch](len(data.classes), cfg.width, cfg.res, cfg.dropout)
     model = model.to(device, memory_format=memory_format(device))

@@ -85,3 +85,14 @@ def pokestudy(*args: str, cwd: Path | None = None, timeout: float = 300, **kw) -
     """Run the real command line, as a user would."""
     return subprocess.run([sys.executable, "-m", "pokestudy", *args], capture_output=True, text=True,
                           cwd=cwd, timeout=timeout, **kw)
+
+
+@pytest.fixture(scope="session")
+def smoke_run(ray_local, tmp_path_factory: pytest.TempPathFactory) -> tuple[str, Path]:
+    """The smoke study, run once for the session: (storage URL, results directory)."""
+    from pokestudy.study import runner, spec
+
+    results = tmp_path_factory.mktemp("smoke")
+    url = f"sqlite:///{results / 'pokestudy.db'}"
+    runner.run(spec.load("smoke"), storage=url, results=results, study_name="smoke")
+    return url, results

@@ -63,11 +63,9 @@ def test_yaml_syntax_error_and_unknown_study(tmp_path: Path):
         spec.load("nope")
 
 
-def test_smoke_study_stores_every_trial_and_epoch_then_a_rerun_runs_nothing(tmp_path: Path, ray_local):
+def test_smoke_study_stores_every_trial_and_epoch_then_a_rerun_runs_nothing(smoke_run):
+    url, results = smoke_run
     study = spec.load("smoke")
-    url = f"sqlite:///{tmp_path / 'db.sqlite'}"
-    run = lambda: runner.run(study, storage=url, results=tmp_path, study_name="smoke")
-    run()
     stored = optuna.load_study(study_name="smoke", storage=url)
     trials = stored.get_trials()
     assert len(trials) == len(study.trials()) == 16
@@ -85,7 +83,7 @@ def test_smoke_study_stores_every_trial_and_epoch_then_a_rerun_runs_nothing(tmp_
     assert {"spec", "spec_hash", "data_manifest", "versions"} <= set(stored.user_attrs)
     assert len({t.user_attrs["key"] for t in trials}) == 16
 
-    run()  # finished: nothing runs again
+    runner.run(study, storage=url, results=results, study_name="smoke")  # finished: nothing runs again
     assert len(optuna.load_study(study_name="smoke", storage=url).get_trials()) == 16
 
 

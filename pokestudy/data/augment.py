@@ -2,7 +2,9 @@
 
 A policy is either *online* (a fresh random transform for every batch) or *offline* (the
 report's method: augmented copies made once, growing each class to a target count, then
-trained on as plain data). Add a policy by adding an entry to POLICIES.
+trained on as plain data). `paper-offline-leaky` makes the copies the way a careless
+pipeline does, before the train/test split, to measure what that leak inflates. Add a
+policy by adding an entry to POLICIES.
 """
 
 from __future__ import annotations
@@ -39,12 +41,14 @@ def paper(x: torch.Tensor, gen: torch.Generator, degrees: float = 30.0) -> torch
 class Policy:
     online: Transform | None = None
     offline: Transform | None = None
+    leak: bool = False  # offline copies made before the split: copies of val/test images reach training
 
 
 POLICIES: dict[str, Policy] = {
     "none": Policy(),
     "paper": Policy(online=paper),
     "paper-offline": Policy(offline=paper),
+    "paper-offline-leaky": Policy(offline=paper, leak=True),
 }
 
 

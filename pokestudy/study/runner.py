@@ -175,7 +175,8 @@ class Driver:
             param_space=space,
             tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=samples,
                                         metric="val_acc" if scheduler else None, mode="max" if scheduler else None,
-                                        max_concurrent_trials=self.max_concurrent, reuse_actors=True),
+                                        max_concurrent_trials=self.max_concurrent, reuse_actors=True,
+                                        trial_dirname_creator=lambda t: t.trial_id),
             run_config=tune.RunConfig(
                 name=f"{name}-{int(time.time())}", storage_path=str((self.results / ".ray").resolve()),
                 verbose=2 if self.verbose else 0, callbacks=[_bridge(owner, distributions or {}, progress)],
