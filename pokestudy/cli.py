@@ -1,4 +1,4 @@
-"""Command line: `pokestudy data info`, `train`, `run`, `report`, `studies`, `dashboard`.
+"""Command line: `pokestudy data info`, `train`, `run`, `report`, `studies`, `bench`, `dashboard`.
 
 User mistakes surface as `UserError`: one line on stderr, exit code 2, never a traceback.
 """
@@ -16,12 +16,9 @@ from pokestudy import UserError
 
 def _data_info(args: argparse.Namespace) -> None:
     from pokestudy.data import prepare
-    from pokestudy.data.sources import cache_root
 
     m = prepare(args.data, args.res).manifest
-    info = {"classes": m["classes"], "images": m["images"], "per_class": m["per_class"],
-            "skipped": m["skipped"], "duplicates": m["duplicates"], "splits": m["splits"],
-            "extras": m["extras"], "cache": str(cache_root() / "datasets")}
+    info = {k: m[k] for k in ("classes", "images", "per_class", "skipped", "duplicates", "splits", "extras", "cache")}
     if args.json:
         print(json.dumps(info))
         return
@@ -113,6 +110,14 @@ def parser() -> argparse.ArgumentParser:
     _storage_args(st)
     st.set_defaults(func=_studies)
 
+    b = sub.add_parser("bench", help="measure the engine, the study overhead and the time to a first epoch")
+    b.add_argument("--data", default="sprites:frames=4")
+    b.add_argument("--res", type=int, default=64)
+    b.add_argument("--arch", default="cnn")
+    b.add_argument("--trials", type=int, default=4, help="short trials in the study-overhead measurement")
+    b.add_argument("--json", action="store_true")
+    b.set_defaults(func=_bench)
+
     d = sub.add_parser("dashboard", help="open optuna-dashboard on the study storage")
     d.add_argument("--host", default="127.0.0.1")
     d.add_argument("--port", type=int, default=8080)
@@ -137,10 +142,10 @@ def _run(args: argparse.Namespace) -> None:
     from pokestudy.study import runner, spec
 
     study = spec.load(args.study)
-    store = runner.run(study, storage=_storage_url(args), results=args.results,
-                       study_name=args.study_name or study.name, data=args.data, address=args.address,
-                       max_concurrent=args.max_concurrent, gpus_per_trial=args.gpus_per_trial, verbose=args.verbose)
-    build(store.study, args.results, ("csv", "md", "tex", "json"))
+    stored = runner.run(study, storage=_storage_url(args), results=args.results,
+                        study_name=args.study_name or study.name, data=args.data, address=args.address,
+                        max_concurrent=args.max_concurrent, gpus_per_trial=args.gpus_per_trial, verbose=args.verbose)
+    build(stored, args.results, ("csv", "md", "tex", "json"))
 
 
 def _report(args: argparse.Namespace) -> None:
@@ -174,6 +179,21 @@ def _studies(args: argparse.Namespace) -> None:
         for t in states:
             counts[t.state.name] = counts.get(t.state.name, 0) + 1
         print(f"{s.study_name:<16} {s.n_trials:>4} trials  " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
+
+
+def _bench(args: argparse.Namespace) -> None:
+    from pokestudy import bench
+
+    result = bench.run(args.data, args.res, args.arch, args.trials)
+    if args.json:
+        print(json.dumps(result))
+        return
+    rows = [("engine (img/s)", result["engine_images_per_s"]), ("reference loop (img/s)", result["reference_images_per_s"]),
+            ("speedup", result["speedup"]), ("FLOP/s fraction of matmul", result["flops_fraction"]),
+            ("study wall / ideal", result["study_overhead"]), ("study wall / plain loop", result["study_vs_loop"]),
+            ("first epoch (s)", result["first_epoch_s"])]
+    for name, value in rows:
+        print(f"{name:<28}{value:>10.2f}")
 
 
 def _dashboard(args: argparse.Namespace) -> None:

@@ -103,4 +103,4 @@ def test_data_info_json(messy_folder: Path):
     info = json.loads(out.stdout)
     assert info["classes"] == 4 and info["images"] == 32 and info["duplicates"] == 1
     assert {s["path"] for s in info["skipped"]} >= {"class0/vector.svg", "class0/truncated.jpg"}
-    assert sum(info["splits"].values()) == 32 and Path(info["cache"]).is_dir()
+    assert sum(info["splits"].values()) == 32 and Path(info["cache"]).is_file()

@@ -120,6 +120,6 @@ def prepare(spec: str, res: int, split_seed: int = 0,
     idx = split(ds.labels, ds.groups, fractions, split_seed)
     sets = {s: (ds.images[idx[s]], ds.labels[idx[s]]) for s in SPLITS}
     sets.update(ds.extras)
-    manifest = {**ds.manifest, "data": spec, "split_seed": split_seed, "fractions": list(fractions),
+    manifest = {**ds.manifest, "data": spec, "cache": str(ds.path), "split_seed": split_seed, "fractions": list(fractions),
                 "splits": {s: len(idx[s]) for s in SPLITS}}
     return Prepared(sets=sets, classes=ds.classes, manifest=manifest)

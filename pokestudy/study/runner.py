@@ -15,12 +15,14 @@ import sys
 import time
 from pathlib import Path
 
+import optuna
 from optuna.trial import TrialState
 
 from pokestudy import UserError
 from pokestudy.data import Prepared, prepare
 from pokestudy.study.spec import Study, Work, condition_id
-from pokestudy.study.store import Store, grid_distributions, study_attrs
+from pokestudy.study.store import Store, finished_keys, grid_distributions, study_attrs
+from pokestudy.study.store import storage as open_storage
 from pokestudy.train import Diverged, TrialConfig, run_trial
 
 
@@ -162,7 +164,6 @@ class Driver:
             searcher=None, samples: int = 1, distributions: dict | None = None) -> None:
         from ray import tune
 
-        self._start_ray()
         cpus = self.spec.resources.cpus
         scheduler = None
         if searcher is not None and self.spec.nuisance.asha_grace:
@@ -185,7 +186,7 @@ class Driver:
         tuner.fit()
         print(file=sys.stderr)
 
-    def _start_ray(self) -> None:
+    def start_ray(self) -> None:
         import ray
 
         if ray.is_initialized():
@@ -205,9 +206,14 @@ class Driver:
 
 def run(spec: Study, *, storage: str, results: Path, study_name: str, data: str | None = None,
         address: str | None = None, max_concurrent: int | None = None, gpus_per_trial: float | None = None,
-        verbose: bool = False) -> Store:
-    """Run every trial of `spec` not yet COMPLETE in the storage; returns the store for reporting."""
+        verbose: bool = False) -> optuna.Study:
+    """Run every trial of `spec` not yet COMPLETE in the storage; returns the Optuna study to report.
+
+    Everything a user can get wrong (results folder, storage URL, data, Ray address) is checked
+    before the first write to the storage.
+    """
     _check_writable(results)
+    open_storage(storage)
     lock = _lock(results, f"{storage}|{study_name}")
     try:
         prepared = prepare(data or spec.data.source, spec.data.res, spec.data.split_seed, spec.data.fractions)
@@ -215,19 +221,20 @@ def run(spec: Study, *, storage: str, results: Path, study_name: str, data: str 
         attrs = study_attrs(spec, prepared.manifest)
         tuned = _tune_nuisance(driver, storage, study_name, attrs) if spec.nuisance else None
         plan = spec.trials(tuned)
-        store = Store(storage, study_name, attrs)
-        stale = store.fail_stale()
-        done = store.keys(TrialState.COMPLETE)
+        done = finished_keys(storage, study_name)
         todo = [w for w in plan if w.key not in done]
         if not todo:
             print(f"study {study_name} is already finished ({len(plan)} trials); re-exporting its results",
                   file=sys.stderr)
-            return store
+            return optuna.load_study(study_name=study_name, storage=open_storage(storage))
+        driver.start_ray()
+        store = Store(storage, study_name, attrs)
+        stale = store.fail_stale()
         note = f", {stale} interrupted trial(s) will rerun" if stale else ""
         print(f"study {study_name}: {len(plan)} trials, {len(plan) - len(todo)} already done{note}", file=sys.stderr)
         driver.fit({w.key: store for w in todo}, Progress(len(plan), len(plan) - len(todo)), study_name,
                    works=todo, distributions=grid_distributions(plan))
-        return store
+        return store.study
     finally:
         lock.close()
 
@@ -238,9 +245,8 @@ def _tune_nuisance(driver: Driver, storage: str, study_name: str, attrs: dict) -
     Each condition has its own Optuna study, `<study>.tune.<condition>`, so the sampler models
     one condition at a time. Returns each condition's best nuisance values for the seeded stage.
     """
-    import optuna
-
     spec = driver.spec
+    driver.start_ray()
     stores: dict[str, Store] = {}
     slots: list[tuple[int, dict, Store]] = []
     for condition in spec.conditions():

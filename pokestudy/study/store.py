@@ -39,6 +39,16 @@ def open_study(url: str, name: str) -> optuna.Study:
         raise UserError(f"no study {name!r} in {url}; `pokestudy studies --storage {url}` lists them") from None
 
 
+def finished_keys(url: str, name: str) -> set[str]:
+    """Keys of the COMPLETE trials of a study, read without creating anything."""
+    try:
+        study = optuna.load_study(study_name=name, storage=storage(url))
+    except KeyError:
+        return set()
+    return {t.user_attrs["key"] for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+            if "key" in t.user_attrs}
+
+
 def study_attrs(spec: Study, manifest: dict) -> dict:
     """What a study's results depend on: the spec as loaded, the data, the package versions."""
     return {"spec": spec.model_dump(mode="json"), "spec_hash": spec.digest(), "data_manifest": manifest,
@@ -69,10 +79,6 @@ class Store:
         self.open: dict[str, optuna.Trial] = {}
         for key, value in attrs.items():
             self.study.set_user_attr(key, value)
-
-    def keys(self, *states: TrialState) -> set[str]:
-        return {t.user_attrs["key"] for t in self.study.get_trials(deepcopy=False, states=states)
-                if "key" in t.user_attrs}
 
     def fail_stale(self) -> int:
         """Trials left RUNNING by a driver that died are marked FAIL; their keys run again."""

@@ -1,0 +1,189 @@
+"""Reliability: interruptions, crashed workers, concurrent readers and bad input lose nothing."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import psutil
+import pytest
+import yaml
+from optuna.trial import TrialState
+
+from pokestudy.study import spec
+from tests.conftest import pokestudy
+
+SMOKE = yaml.safe_load((spec.STUDIES_DIR / "smoke.yaml").read_text())
+
+
+def launch(*args: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "pokestudy", "run", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+
+def kill_tree(proc: subprocess.Popen) -> None:
+    """SIGKILL the driver, then whatever Ray processes it started (they share its session)."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait()
+
+
+def count(db: Path, state: str = "COMPLETE") -> int:
+    try:
+        with sqlite3.connect(db, timeout=1) as con:
+            return con.execute("select count(*) from trials where state = ?", (state,)).fetchone()[0]
+    except sqlite3.Error:
+        return 0
+
+
+def test_three_kill_9s_then_a_normal_run_lose_nothing_and_duplicate_nothing(tmp_path: Path):
+    db = tmp_path / "pokestudy.db"
+    rng = random.Random(0)
+    seen: dict[int, dict] = {}
+    for _ in range(3):
+        proc = launch("--study", "smoke", "--results", str(tmp_path))
+        time.sleep(rng.uniform(8, 20))  # a random moment: Ray start, data, or mid-trial
+        os.kill(proc.pid, signal.SIGKILL)
+        kill_tree(proc)
+        study = optuna.load_study(study_name="smoke", storage=f"sqlite:///{db}") if db.exists() else None
+        for t in study.get_trials() if study else []:
+            if t.state == TrialState.COMPLETE:
+                seen.setdefault(t.number, t.user_attrs)
+    out = pokestudy("run", "--study", "smoke", "--results", str(tmp_path))
+    assert out.returncode == 0, out.stderr
+    trials = optuna.load_study(study_name="smoke", storage=f"sqlite:///{db}").get_trials()
+    complete = [t for t in trials if t.state == TrialState.COMPLETE]
+    assert len(complete) == 16 and len({t.user_attrs["key"] for t in complete}) == 16
+    by_number = {t.number: t for t in trials}
+    for number, attrs in seen.items():  # every trial complete before a kill is still complete, unchanged
+        assert by_number[number].state == TrialState.COMPLETE and by_number[number].user_attrs == attrs
+    assert not [t for t in trials if t.state == TrialState.RUNNING]
+
+
+def test_a_killed_worker_is_retried_then_recorded_failed_and_the_study_finishes(tmp_path: Path):
+    path = tmp_path / "crash.yaml"
+    path.write_text(yaml.safe_dump({**SMOKE, "name": "crash", "seeds": [0], "factors": {"arch": ["cnn"]},
+                                    "fixed": {**SMOKE["fixed"], "epochs": 400}, "resources": {"cpus": 1, "retries": 1}}))
+    proc = launch("--study", str(path), "--results", str(tmp_path))
+    kills = 0
+    deadline = time.monotonic() + 240
+    try:
+        while kills < 2 and time.monotonic() < deadline:
+            workers = [p for p in psutil.Process(proc.pid).children(recursive=True)
+                       if "ImplicitFunc" in " ".join(p.cmdline())]
+            if workers and count(tmp_path / "pokestudy.db", "RUNNING"):
+                time.sleep(3)
+                workers[0].kill()
+                kills += 1
+                time.sleep(5)
+            time.sleep(0.5)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        kill_tree(proc)
+    assert kills == 2
+    assert proc.returncode == 0, err
+    (trial,) = optuna.load_study(study_name="crash", storage=f"sqlite:///{tmp_path / 'pokestudy.db'}").get_trials()
+    assert trial.state == TrialState.FAIL and "died" in trial.user_attrs["error"].lower()
+
+
+def test_readers_do_not_disturb_a_running_study(tmp_path: Path):
+    proc = launch("--study", "smoke", "--results", str(tmp_path))
+    url = f"sqlite:///{tmp_path / 'pokestudy.db'}"
+    reads = 0
+    try:
+        while proc.poll() is None:
+            if count(tmp_path / "pokestudy.db") >= 2:
+                study = optuna.load_study(study_name="smoke", storage=url)
+                for t in study.get_trials(states=(TrialState.COMPLETE,)):
+                    assert "history" in t.user_attrs  # a COMPLETE trial is never seen half-written
+                reads += 1
+                if reads == 3:
+                    report = pokestudy("report", "--study", "smoke", "--results", str(tmp_path), "--format", "csv")
+                    assert report.returncode == 0, report.stderr
+            time.sleep(0.2)
+        _, err = proc.communicate()
+    finally:
+        kill_tree(proc)
+    assert proc.returncode == 0 and "locked" not in err, err
+    assert reads >= 3 and count(tmp_path / "pokestudy.db") == 16
+
+
+def test_a_second_run_of_the_same_study_refuses_while_the_first_runs(tmp_path: Path):
+    first = launch("--study", "smoke", "--results", str(tmp_path))
+    try:
+        deadline = time.monotonic() + 60
+        while not list((tmp_path / ".locks").glob("*.lock")) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        time.sleep(1)
+        second = pokestudy("run", "--study", "smoke", "--results", str(tmp_path))
+        assert second.returncode == 2 and "already running this study" in second.stderr
+    finally:
+        kill_tree(first)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _bad(tmp_path: Path, case: str) -> list[str]:
+    """Arguments to `pokestudy run` for one user mistake."""
+    def spec_file(**changes) -> str:
+        p = tmp_path / "bad.yaml"
+        p.write_text(yaml.safe_dump({**SMOKE, **changes}))
+        return str(p)
+
+    folder = tmp_path / "data"
+    if case == "no class folders":
+        folder.mkdir()
+    if case == "only undecodable files":
+        (folder / "a").mkdir(parents=True)
+        (folder / "a" / "x.jpg").write_text("not an image")
+    syntax = tmp_path / "syntax.yaml"
+    syntax.write_text("name: [unclosed\n")
+    unwritable = tmp_path / "a-file"
+    unwritable.write_text("")
+    return {
+        "unknown study": ["--study", "no-such-study"],
+        "yaml syntax error": ["--study", str(syntax)],
+        "unknown key": ["--study", spec_file(epochz=3)],
+        "wrong type": ["--study", spec_file(fixed={"epochs": "three"})],
+        "empty factor": ["--study", spec_file(factors={"arch": []})],
+        "seeds not integers": ["--study", spec_file(seeds=[0.5, "x"])],
+        "resolution out of range": ["--study", spec_file(data={"source": "synthetic", "res": 5000})],
+        "missing data path": ["--study", "smoke", "--data", str(tmp_path / "missing")],
+        "no class folders": ["--study", "smoke", "--data", str(folder)],
+        "only undecodable files": ["--study", "smoke", "--data", str(folder)],
+        "malformed storage URL": ["--study", "smoke", "--storage", "not-a-url"],
+        "unreachable storage": ["--study", "smoke", "--storage", f"postgresql://nobody@127.0.0.1:{_free_port()}/x"],
+        "no Ray cluster at --address": ["--study", "smoke", "--address", f"127.0.0.1:{_free_port()}"],
+        "unwritable results directory": ["--study", "smoke", "--results", str(unwritable / "results")],
+    }[case]
+
+
+@pytest.mark.parametrize("case", [
+    "unknown study", "yaml syntax error", "unknown key", "wrong type", "empty factor", "seeds not integers",
+    "resolution out of range", "missing data path", "no class folders", "only undecodable files",
+    "malformed storage URL", "unreachable storage", "no Ray cluster at --address", "unwritable results directory",
+])
+def test_bad_input_is_one_line_exit_2_and_nothing_is_stored(tmp_path: Path, case: str):
+    args = _bad(tmp_path, case)
+    if "--results" not in args:
+        args += ["--results", str(tmp_path / "results")]
+    out = pokestudy("run", *args, timeout=120)
+    assert out.returncode == 2, out.stderr
+    assert "Traceback" not in out.stderr and len(out.stderr.strip().splitlines()) == 1, out.stderr
+    db = tmp_path / "results" / "pokestudy.db"
+    if db.exists():
+        assert optuna.get_all_study_summaries(f"sqlite:///{db}") == []

@@ -1,0 +1,118 @@
+"""Beyond one machine, with the real things: a Ray cluster started by `ray start --head`,
+a PostgreSQL server, and optuna-dashboard loaded in headless Chromium."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+from tests.conftest import pokestudy
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for_port(port: int, seconds: float = 60) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.2)
+    raise TimeoutError(f"nothing listens on 127.0.0.1:{port} after {seconds} s")
+
+
+def stop(proc: subprocess.Popen) -> None:
+    """Stop exactly the processes a test started: its own process group."""
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)
+    except ProcessLookupError:
+        pass
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+def assert_smoke_stored(url: str) -> None:
+    trials = optuna.load_study(study_name="smoke", storage=url).get_trials()
+    assert len(trials) == 16 and all(t.state == TrialState.COMPLETE for t in trials)
+    assert all(len(t.intermediate_values) == t.user_attrs["epochs"] for t in trials)
+
+
+@pytest.fixture(scope="module")
+def postgres():
+    """A private PostgreSQL server from Debian's packages on a free 127.0.0.1 port (trust auth)."""
+    bindir = next(Path("/usr/lib/postgresql").glob("*/bin"), None)
+    if bindir is None:
+        pytest.fail("PostgreSQL server binaries are missing: `.ci/run` installs Debian's postgresql package")
+    root = Path(tempfile.mkdtemp(prefix="pokestudy-pg-"))
+    as_postgres = []
+    if os.geteuid() == 0:  # the server refuses to run as root
+        shutil.chown(root, "postgres")
+        as_postgres = ["runuser", "-u", "postgres", "--"]
+    subprocess.run([*as_postgres, str(bindir / "initdb"), "-D", str(root / "data"), "-U", "postgres",
+                    "--auth=trust"], check=True, capture_output=True)
+    port = free_port()
+    server = subprocess.Popen([*as_postgres, str(bindir / "postgres"), "-D", str(root / "data"), "-p", str(port),
+                               "-h", "127.0.0.1", "-k", str(root)], stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        wait_for_port(port)
+        import psycopg2
+
+        for _ in range(50):
+            try:
+                con = psycopg2.connect(host="127.0.0.1", port=port, user="postgres", dbname="postgres")
+                break
+            except psycopg2.OperationalError:
+                time.sleep(0.2)
+        con.autocommit = True
+        con.cursor().execute("CREATE DATABASE pokestudy")
+        con.close()
+        yield f"postgresql+psycopg2://postgres@127.0.0.1:{port}/pokestudy"
+    finally:
+        stop(server)
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def test_smoke_study_on_postgresql_then_report_and_studies(postgres: str, tmp_path: Path):
+    run = pokestudy("run", "--study", "smoke", "--storage", postgres, "--results", str(tmp_path))
+    assert run.returncode == 0, run.stderr
+    assert_smoke_stored(postgres)
+    report = pokestudy("report", "--study", "smoke", "--storage", postgres, "--results", str(tmp_path / "again"))
+    assert report.returncode == 0, report.stderr
+    assert (tmp_path / "again" / "smoke" / "gap.csv").exists()
+    studies = pokestudy("studies", "--storage", postgres)
+    assert "smoke" in studies.stdout and "COMPLETE 16" in studies.stdout
+
+
+def test_smoke_study_on_a_ray_cluster_started_with_ray_start(tmp_path: Path):
+    port = free_port()
+    ray_bin = Path(sys.executable).parent / "ray"
+    head = subprocess.Popen([str(ray_bin), "start", "--head", "--block", "--node-ip-address", "127.0.0.1",
+                             "--port", str(port), "--num-cpus", "2", "--include-dashboard", "false",
+                             "--disable-usage-stats"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    try:
+        wait_for_port(port)
+        out = pokestudy("run", "--study", "smoke", "--address", f"127.0.0.1:{port}", "--results", str(tmp_path))
+        assert out.returncode == 0, out.stderr
+        assert_smoke_stored(f"sqlite:///{tmp_path / 'pokestudy.db'}")
+    finally:
+        stop(head)
+    assert head.poll() is not None
