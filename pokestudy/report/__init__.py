@@ -63,7 +63,7 @@ def _data_figures(study: optuna.Study, df: pd.DataFrame, out: Path) -> list[Path
     if valid.empty:
         return []
     best = valid.loc[valid.groupby("arch")["val_acc"].idxmax()] if "arch" in valid else valid.nlargest(1, "val_acc")
-    runs = {f"best {r.get('arch', '')} (val)\n{r['condition']}".replace(",", " "): r["test_predictions"]
+    runs = {f"best {r.get('arch', '')} (val)\n{r['condition']}": r["test_predictions"]
             for _, r in best.iterrows()}
     truth = labels.tolist()
     pairs: dict[tuple[str, str], int] = {}

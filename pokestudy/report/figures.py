@@ -8,6 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import matplotlib
+import matplotlib.ticker
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
@@ -39,6 +40,7 @@ def curves(df: pd.DataFrame, out: Path) -> Path:
             values = np.array([r[:n] for r in runs]) * 100
             epochs = np.arange(1, n + 1)
             ax.plot(epochs, values.mean(0), colour, label=metric.replace("_acc", ""))
+            ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
             ax.fill_between(epochs, values.min(0), values.max(0), color=colour, alpha=0.2)
         ax.set_title(condition.replace(",", "\n"), fontsize=8)
         ax.grid(alpha=0.3)
@@ -80,7 +82,7 @@ def predictions(images: torch.Tensor, labels: torch.Tensor, classes: list[str],
     red where a model is wrong, a frame where the two models disagree."""
     names = list(runs)
     pick = np.linspace(0, len(labels) - 1, count).astype(int)
-    fig, axes = plt.subplots(len(names), count, figsize=(1.3 * count, 1.75 * len(names)), squeeze=False)
+    fig, axes = plt.subplots(len(names), count, figsize=(1.3 * count, 1.9 * len(names) + 0.6), squeeze=False)
     for row, name in enumerate(names):
         pred = runs[name]
         for col, i in enumerate(pick):
@@ -95,11 +97,12 @@ def predictions(images: torch.Tensor, labels: torch.Tensor, classes: list[str],
                     spine.set_edgecolor("orange")
                     spine.set_linewidth(3)
             if col == 0:
-                ax.set_ylabel(name, fontsize=8)
+                ax.set_ylabel(name.split("\n")[0], fontsize=8)
             if row == len(names) - 1:
                 ax.set_xlabel(f"true: {classes[labels[i]][:10]}", fontsize=6)
-    fig.suptitle("same 16 test images; title = prediction (green right, red wrong); orange frame = models disagree",
-                 fontsize=9)
+    models = "; ".join(n.replace("\n", ": ") for n in names)
+    fig.suptitle("same 16 test images; title = prediction (green right, red wrong); orange frame = models disagree\n"
+                 + models, fontsize=9)
     return _save(fig, out / "predictions.png")
 
 
