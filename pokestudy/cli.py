@@ -137,7 +137,9 @@ def _storage_url(args: argparse.Namespace) -> str:
     return args.storage or f"sqlite:///{(args.results / 'pokestudy.db').as_posix()}"
 
 
-def _run(args: argparse.Namespace) -> None:
+def _run(args: argparse.Namespace) -> int:
+    from optuna.trial import TrialState
+
     from pokestudy.report import build
     from pokestudy.study import runner, spec
 
@@ -145,7 +147,12 @@ def _run(args: argparse.Namespace) -> None:
     stored = runner.run(study, storage=_storage_url(args), results=args.results,
                         study_name=args.study_name or study.name, data=args.data, address=args.address,
                         max_concurrent=args.max_concurrent, gpus_per_trial=args.gpus_per_trial, verbose=args.verbose)
+    if not stored.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+        print(f"pokestudy: no trial of {stored.study_name} finished; their errors are in the storage "
+              "(`pokestudy dashboard`)", file=sys.stderr)
+        return 1
     build(stored, args.results, ("csv", "md", "tex", "json"))
+    return 0
 
 
 def _report(args: argparse.Namespace) -> None:
@@ -213,11 +220,10 @@ def _dashboard(args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
-        args.func(args)
+        return args.func(args) or 0
     except UserError as e:
         print(f"pokestudy: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("pokestudy: interrupted; rerun the same command to continue", file=sys.stderr)
         return 130
-    return 0

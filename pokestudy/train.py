@@ -48,6 +48,10 @@ class TrialConfig:
     device: str = "auto"
 
     def __post_init__(self) -> None:
+        for f in fields(self):
+            value, kind = getattr(self, f.name), _KINDS[f.name]
+            if not (isinstance(value, kind) and not isinstance(value, bool) or value is None and f.default is None):
+                raise UserError(f"setting {f.name} must be {_KIND_NAMES[kind]}, got {value!r}")
         checks = [
             (self.arch in MODELS, f"unknown arch {self.arch!r}; choose one of {', '.join(MODELS)}"),
             (self.augment in POLICIES, f"unknown augmentation {self.augment!r}; choose one of {', '.join(POLICIES)}"),
@@ -71,6 +75,10 @@ class TrialConfig:
         if unknown:
             raise UserError(f"unknown trial setting(s) {', '.join(sorted(unknown))}; known: {', '.join(sorted(known))}")
         return cls(**values)
+
+
+_KINDS = {f.name: {"int": int, "float": (int, float), "str": str}[f.type.split(" |")[0]] for f in fields(TrialConfig)}
+_KIND_NAMES = {int: "an integer", (int, float): "a number", str: "a string"}
 
 
 def resolve_device(name: str) -> torch.device:
@@ -123,7 +131,8 @@ def run_trial(cfg: TrialConfig, data: Prepared, on_epoch: Callable[[Record], Non
     torch.manual_seed(cfg.seed)
     gen = torch.Generator(device).manual_seed(cfg.seed)
     x_train, y_train = data.sets["train"]
-    steps = max(1, len(y_train) // cfg.batch_size)
+    batch = min(cfg.batch_size, len(y_train))
+    steps = len(y_train) // batch
     policy = POLICIES[cfg.augment]
     x_pool, y_pool = x_train.to(device), y_train.to(device)
     if policy.offline:
@@ -148,9 +157,9 @@ def run_trial(cfg: TrialConfig, data: Prepared, on_epoch: Callable[[Record], Non
     for epoch in range(1, cfg.epochs + 1):
         model.train()
         tick = time.perf_counter()
-        order = torch.randperm(len(y_pool), generator=gen, device=device)[: steps * cfg.batch_size]
+        order = torch.randperm(len(y_pool), generator=gen, device=device)[: steps * batch]
         correct = torch.zeros((), device=device)
-        for step, idx in enumerate(order.view(steps, cfg.batch_size)):
+        for step, idx in enumerate(order.view(steps, batch)):
             x = x_pool[idx].float() / 255
             if policy.online:
                 x = policy.online(x, gen)
@@ -168,7 +177,7 @@ def run_trial(cfg: TrialConfig, data: Prepared, on_epoch: Callable[[Record], Non
             correct += (logits.argmax(1) == y_pool[idx]).sum()
         train_seconds += time.perf_counter() - tick
 
-        record: Record = {"epoch": epoch, "train_acc_augmented": correct.item() / (steps * cfg.batch_size)}
+        record: Record = {"epoch": epoch, "train_acc_augmented": correct.item() / (steps * batch)}
         for name, (x, y) in data.sets.items():
             acc, loss_value, pred = evaluate(model, x, y, device)
             record[f"{name}_acc"], record[f"{name}_loss"] = acc, loss_value
@@ -177,7 +186,7 @@ def run_trial(cfg: TrialConfig, data: Prepared, on_epoch: Callable[[Record], Non
                 record[f"{name}_gap"] = record["train_acc"] - acc
         record["gap"] = record.pop("test_gap")
         record.pop("val_gap")
-        record["images_per_s"] = epoch * steps * cfg.batch_size / train_seconds
+        record["images_per_s"] = epoch * steps * batch / train_seconds
         record["seconds"] = time.perf_counter() - start
         history.append(record)
         if on_epoch:

@@ -56,17 +56,18 @@ def test_every_format_figure_and_the_summary_are_written(report: Path):
 
 
 def test_dashboard_note_and_figure_artifacts_are_stored_once(report: Path):
-    from optuna.artifacts import get_all_artifact_meta
     from optuna_dashboard._note import get_note_from_system_attrs
 
+    from pokestudy.report import figure_artifacts
+
     results = report.parent
-    study = optuna.load_study(study_name="smoke", storage=f"sqlite:///{results / 'pokestudy.db'}")
-    assert "Is each gap real?" in get_note_from_system_attrs(study.system_attrs, None)["body"]
-    names = [m.filename for m in get_all_artifact_meta(study)]
-    assert "gap.png" in names
+    storage = optuna.storages.RDBStorage(f"sqlite:///{results / 'pokestudy.db'}")
+    study_id = storage.get_study_id_from_name("smoke")
+    assert "Is each gap real?" in get_note_from_system_attrs(storage.get_study_system_attrs(study_id), None)["body"]
+    names = sorted(figure_artifacts(storage, study_id).values())
+    assert names == ["confusions.png", "curves.png", "gap.png", "predictions.png"]
     assert pokestudy("report", "--study", "smoke", "--results", str(results)).returncode == 0
-    study = optuna.load_study(study_name="smoke", storage=f"sqlite:///{results / 'pokestudy.db'}")
-    assert sorted(m.filename for m in get_all_artifact_meta(study)) == sorted(names), "re-reporting replaces"
+    assert sorted(figure_artifacts(storage, study_id).values()) == names, "re-reporting replaces, never duplicates"
 
 
 @pytest.mark.parametrize("study", ["nope", "empty"])

@@ -115,4 +115,49 @@ def test_smoke_study_on_a_ray_cluster_started_with_ray_start(tmp_path: Path):
         assert_smoke_stored(f"sqlite:///{tmp_path / 'pokestudy.db'}")
     finally:
         stop(head)
+        marker = Path("/tmp/ray/ray_current_cluster")  # `ray start` leaves this for later `ray.init()`s
+        if marker.exists() and marker.read_text().strip().endswith(f":{port}"):
+            marker.unlink()
     assert head.poll() is not None
+
+
+def test_dashboard_in_headless_chromium_shows_the_study_its_trials_note_and_figures(smoke_run, tmp_path: Path):
+    from playwright.sync_api import sync_playwright
+
+    from pokestudy.report import build
+
+    url, results = smoke_run
+    build(optuna.load_study(study_name="smoke", storage=url), results, ("md",))
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "-m", "pokestudy", "dashboard", "--port", str(port), "--storage", url,
+                               "--results", str(results)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                              start_new_session=True)
+    try:
+        wait_for_port(port)
+        base = f"http://127.0.0.1:{port}"
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path="/usr/bin/chromium", args=[
+                "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                "--disable-sync"])
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            page.goto(f"{base}/dashboard")
+            link = page.get_by_role("link", name="smoke")
+            link.wait_for(timeout=30_000)
+            study_path = link.get_attribute("href")
+            page.goto(base + study_path)
+            figures = page.locator("img[src^='/artifacts/']")
+            figures.first.wait_for(timeout=30_000)
+            assert figures.count() >= 2
+            image = page.request.get(base + figures.first.get_attribute("src"))
+            assert image.ok and image.headers["content-type"] == "image/png"
+            page.screenshot(path=str(tmp_path / "study.png"), full_page=True)
+            page.goto(f"{base}{study_path}/trials")
+            page.get_by_text("COMPLETE").first.wait_for(timeout=30_000)
+            page.goto(f"{base}{study_path}/note")
+            page.get_by_text("Is each gap real?").first.wait_for(timeout=30_000)
+            assert "arch" in page.inner_text("body") and "gap" in page.inner_text("body")
+            page.screenshot(path=str(tmp_path / "note.png"), full_page=True)
+            browser.close()
+    finally:
+        stop(server)
+    assert (tmp_path / "study.png").stat().st_size > 10_000

@@ -40,7 +40,7 @@ def test_same_seed_same_numbers(data, augment: str):
 
 def test_a_diverging_loss_stops_the_trial_with_a_clear_error(data):
     with pytest.raises(Diverged, match="loss became"):
-        run_trial(TrialConfig(arch="cnn", width=4, res=32, epochs=3, batch_size=16, lr=1e12, optimizer="sgd"), data)
+        run_trial(TrialConfig(arch="cnn", width=4, res=32, epochs=3, batch_size=16, lr=1e30, optimizer="sgd"), data)
 
 
 def test_early_stopping(data):
@@ -70,7 +70,7 @@ def test_train_command_prints_one_json_object_per_epoch_then_a_final_one():
     (["--data", DATA, "--arch", "cnn", "--res", "8"], "out of range"),
     (["--data", DATA, "--arch", "cnn", "--res", "2048"], "out of range"),
     (["--data", DATA, "--arch", "cnn", "--lr", "-1"], "learning rate"),
-    (["--data", DATA, "--arch", "cnn", "--res", "32", "--lr", "1e12", "--optimizer", "sgd", "--epochs", "2"],
+    (["--data", DATA, "--arch", "cnn", "--res", "32", "--lr", "1e30", "--optimizer", "sgd", "--epochs", "2"],
      "loss became"),
 ])
 def test_bad_input_is_one_line_exit_2(args, message):

@@ -6,16 +6,20 @@ optuna-dashboard, the summary as the study's note and the figures as artifacts.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 from pathlib import Path
 
 import optuna
 import pandas as pd
-from optuna.artifacts import FileSystemArtifactStore, get_all_artifact_meta, upload_artifact
+from optuna.artifacts import FileSystemArtifactStore, upload_artifact
+from optuna.artifacts.exceptions import ArtifactNotFound
 
 from pokestudy import UserError
 from pokestudy.report import figures, summary, tables
+
+ARTIFACT_PREFIX = "artifacts:"  # where Optuna keeps a study's artifact metadata (system attributes)
 
 
 def artifact_store(results: Path) -> FileSystemArtifactStore:
@@ -78,6 +82,17 @@ def _data_figures(study: optuna.Study, df: pd.DataFrame, out: Path) -> list[Path
     return [figures.predictions(images, labels, data.classes, runs, out), figures.confusions(confused, out)]
 
 
+def figure_artifacts(storage: optuna.storages.BaseStorage, study_id: int) -> dict[str, str]:
+    """{artifact id: file name} of a study's live artifacts. Read from the system attributes directly:
+    optuna-dashboard marks a deleted artifact with a null there, which `get_all_artifact_meta` cannot read."""
+    out = {}
+    for key, value in storage.get_study_system_attrs(study_id).items():
+        meta = json.loads(value) if key.startswith(ARTIFACT_PREFIX) and isinstance(value, str) else None
+        if meta:
+            out[meta["artifact_id"]] = meta["filename"]
+    return out
+
+
 def _publish(study: optuna.Study, results: Path, note: str, pngs: list[Path]) -> None:
     """The summary as the study's note and the figures as artifacts, replacing earlier copies."""
     from optuna_dashboard import save_note
@@ -87,10 +102,11 @@ def _publish(study: optuna.Study, results: Path, note: str, pngs: list[Path]) ->
     names = {p.name for p in pngs}
     storage = study._storage  # noqa: SLF001 — Optuna has no public handle for the study's own storage
     study_id = storage.get_study_id_from_name(study.study_name)
-    for meta in get_all_artifact_meta(study):
-        if meta.filename in names:
+    for artifact_id, filename in figure_artifacts(storage, study_id).items():
+        if filename in names:
             # The same two steps optuna-dashboard takes when a user deletes an artifact.
-            store.remove(meta.artifact_id)
-            storage.set_study_system_attr(study_id, f"artifacts:{meta.artifact_id}", json.dumps(None))
+            with contextlib.suppress(ArtifactNotFound):  # uploaded to another results folder's store
+                store.remove(artifact_id)
+            storage.set_study_system_attr(study_id, f"{ARTIFACT_PREFIX}{artifact_id}", json.dumps(None))
     for path in pngs:
         upload_artifact(artifact_store=store, file_path=str(path), study_or_trial=study, mimetype="image/png")

@@ -11,6 +11,7 @@ import fcntl
 import hashlib
 import logging
 import os
+import socket
 import sys
 import time
 from pathlib import Path
@@ -191,6 +192,7 @@ class Driver:
 
         if ray.is_initialized():
             return
+        _check_address(self.address)
         os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
         os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
         try:
@@ -288,6 +290,18 @@ def _lock(results: Path, study_key: str):
         raise UserError("another `pokestudy run` is already running this study on this storage; "
                         "wait for it, or watch it with `pokestudy dashboard`") from None
     return handle
+
+
+def _check_address(address: str | None) -> None:
+    """Refuse at once when nothing listens at HOST:PORT (ray.init would retry for minutes)."""
+    host, _, port = (address or "").rpartition(":")
+    if not port.isdigit() or "://" in address:
+        return  # "auto", "ray://…" and other forms: let Ray decide
+    try:
+        socket.create_connection((host or "127.0.0.1", int(port)), timeout=5).close()
+    except OSError as e:
+        raise UserError(f"no Ray cluster at {address} ({e.strerror or e}); start one with `ray start --head` "
+                        "or omit --address to run on this machine") from None
 
 
 def _check_writable(results: Path) -> None:

@@ -77,6 +77,7 @@ class Store:
                                          direction="maximize", load_if_exists=True)
         self.study_id = self.storage.get_study_id_from_name(study_name)
         self.open: dict[str, optuna.Trial] = {}
+        self.reported: dict[str, set[int]] = {}
         for key, value in attrs.items():
             self.study.set_user_attr(key, value)
 
@@ -104,7 +105,12 @@ class Store:
         self.open[work.key] = trial
 
     def epoch(self, key: str, record: dict) -> None:
-        self.open[key].report(record["val_acc"], step=int(record["epoch"]))
+        """Validation accuracy at this epoch. A retried trial (its worker died) repeats epochs; the
+        first attempt's values are kept for those, the retry's summary replaces the history."""
+        step, reported = int(record["epoch"]), self.reported.setdefault(key, set())
+        if step not in reported:
+            self.open[key].report(record["val_acc"], step=step)
+            reported.add(step)
 
     def complete(self, key: str, summary: dict) -> None:
         trial = self.open.pop(key)
