@@ -44,10 +44,11 @@ def test_a_diverging_loss_stops_the_trial_with_a_clear_error(data):
         run_trial(TrialConfig(arch="cnn", width=4, res=32, epochs=3, batch_size=16, lr=1e30, optimizer="sgd"), data)
 
 
-def test_early_stopping(data):
-    summary = run_trial(TrialConfig(arch="cnn", width=4, res=32, epochs=30, batch_size=16, patience=1, lr=0.0), data) \
-        if False else run_trial(TrialConfig(arch="cnn", width=4, res=32, epochs=30, batch_size=16, patience=2), data)
-    assert summary["final"]["epoch"] < 30 or summary["best"]["epoch"] >= 28
+def test_early_stopping_ends_a_trial_after_patience_epochs_without_a_better_val_acc(data):
+    summary = run_trial(TrialConfig(arch="cnn", width=4, res=32, epochs=40, batch_size=16, patience=2), data)
+    final, best = summary["final"]["epoch"], summary["best"]["epoch"]
+    assert final < 40 and final - best == 2
+    assert max(r["val_acc"] for r in summary["history"]) == summary["best"]["val_acc"]
 
 
 def test_bad_config_values_are_user_errors():
