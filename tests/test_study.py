@@ -131,3 +131,20 @@ def test_kill_9_of_the_driver_then_rerun_ends_with_exactly_the_expected_trials(t
     assert len(complete) == 16 and len({t.user_attrs["key"] for t in complete}) == 16
     assert "already done" in out.stderr
     assert (tmp_path / "smoke" / "gap.md").exists()
+
+
+def test_nuisance_tuning_then_seeds_rerun_each_conditions_best_setting(tmp_path: Path, ray_local):
+    path = write_spec(tmp_path, name="tiny-tune", seeds=[0, 1], factors={"arch": ["cnn"], "augment": ["none", "paper"]},
+                      nuisance={"params": {"lr": {"low": 0.001, "high": 0.1, "log": True}}, "trials": 3, "asha_grace": 1},
+                      fixed={"width": 4, "epochs": 3, "batch_size": 16})
+    url = f"sqlite:///{tmp_path / 'db.sqlite'}"
+    runner.run(spec.load(str(path)), storage=url, results=tmp_path, study_name="tiny-tune")
+    for augment in ("none", "paper"):
+        tuning = optuna.load_study(study_name=f"tiny-tune.tune.arch=cnn,augment={augment}", storage=url)
+        assert len(tuning.trials) == 3
+        assert {t.state for t in tuning.trials} <= {TrialState.COMPLETE, TrialState.PRUNED}
+        best_lr = tuning.best_trial.params["lr"]
+        assert 0.001 <= best_lr <= 0.1
+        final = [t for t in optuna.load_study(study_name="tiny-tune", storage=url).trials
+                 if t.params["augment"] == augment]
+        assert len(final) == 2 and all(t.params["lr"] == best_lr for t in final)
