@@ -188,13 +188,19 @@ class Driver:
         print(file=sys.stderr)
 
     def start_ray(self) -> None:
+        _check_address(self.address)
+        token = os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH") \
+            or (Path.home() / ".ray" / "auth_token").exists()
+        if self.address and token:
+            # `ray start` (Ray >= 2.59) enforces token auth, but a driver given an address sends
+            # its token only when told to, and Ray reads this when it is first imported.
+            os.environ.setdefault("RAY_AUTH_MODE", "token")
+        os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+        os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
         import ray
 
         if ray.is_initialized():
             return
-        _check_address(self.address)
-        os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
-        os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
         try:
             ray.init(address=self.address or "local", include_dashboard=False, log_to_driver=self.verbose,
                      logging_level=logging.INFO if self.verbose else logging.ERROR)
