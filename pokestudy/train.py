@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from pokestudy import UserError
 from pokestudy.data import Prepared
-from pokestudy.data.augment import POLICIES, expand
+from pokestudy.data.augment import POLICIES, copies
 from pokestudy.models import MIN_RES, MODELS
 
 Record = dict[str, float]
@@ -136,11 +136,10 @@ def run_trial(cfg: TrialConfig, data: Prepared, on_epoch: Callable[[Record], Non
     policy = POLICIES[cfg.augment]
     x_pool, y_pool = x_train.to(device), y_train.to(device)
     if policy.offline:
-        held_out = [data.sets[s] for s in ("val", "test")] if policy.leak else []
-        x_src = torch.cat([x_train, *(x for x, _ in held_out)]).to(device)
-        y_src = torch.cat([y_train, *(y for _, y in held_out)]).to(device)
-        x_all, y_all = expand(x_src, y_src, policy.offline, cfg.offline_target, gen)
-        x_pool, y_pool = torch.cat([x_pool, x_all[len(y_src):]]), torch.cat([y_pool, y_all[len(y_src):]])
+        sources = [data.sets[s] for s in (("train", "val", "test") if policy.leak else ("train",))]
+        x_new, y_new = copies(torch.cat([x for x, _ in sources]).to(device), torch.cat([y for _, y in sources]).to(device),
+                              policy.offline, cfg.offline_target, gen)
+        x_pool, y_pool = torch.cat([x_pool, x_new]), torch.cat([y_pool, y_new])
 
     model = MODELS[cfg.arch](len(data.classes), cfg.width, cfg.res, cfg.dropout)
     model = model.to(device, memory_format=memory_format(device))

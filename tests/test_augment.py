@@ -2,7 +2,7 @@
 
 import torch
 
-from pokestudy.data.augment import POLICIES, expand, paper
+from pokestudy.data.augment import POLICIES, copies, paper
 
 
 def _batch(n: int = 8) -> torch.Tensor:
@@ -28,13 +28,13 @@ def test_paper_is_reproducible_from_the_generator():
     assert torch.equal(a, b)
 
 
-def test_offline_expansion_grows_every_class_to_the_target_with_originals_first():
+def test_offline_copies_grow_every_class_to_the_target():
     images = (_batch(10) * 255).to(torch.uint8)
     labels = torch.tensor([0] * 3 + [1] * 7)
-    x, y = expand(images, labels, paper, 20, torch.Generator().manual_seed(0))
-    assert torch.bincount(y).tolist() == [20, 20]
-    assert torch.equal(x[:10], images) and x.dtype == torch.uint8
-    assert not torch.equal(x[10], images[0])
+    x, y = copies(images, labels, paper, 20, torch.Generator().manual_seed(0))
+    assert torch.bincount(torch.cat([labels, y])).tolist() == [20, 20]
+    assert x.dtype == torch.uint8 and len(x) == len(y) == 30
+    assert not torch.equal(x[0], images[0])
 
 
 def test_policies_registry():

@@ -52,12 +52,11 @@ POLICIES: dict[str, Policy] = {
 }
 
 
-def expand(images: torch.Tensor, labels: torch.Tensor, transform: Transform, target: int,
+def copies(images: torch.Tensor, labels: torch.Tensor, transform: Transform, target: int,
            gen: torch.Generator, batch: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
-    """Grow every class to `target` images with augmented copies of its own images (made once).
+    """The augmented copies (uint8, made once) that grow every class to `target` images.
 
     Copies cycle through a class's images so each original is copied about equally often.
-    Returns uint8 images with the originals first.
     """
     sources = []
     for c in labels.unique():
@@ -65,11 +64,7 @@ def expand(images: torch.Tensor, labels: torch.Tensor, transform: Transform, tar
         missing = target - len(members)
         if missing > 0:
             sources.append(members[torch.arange(missing) % len(members)])
-    if not sources:
-        return images, labels
-    src = torch.cat(sources)
-    copies = []
-    for chunk in src.split(batch):
-        x = images[chunk].to(gen.device).float() / 255
-        copies.append((transform(x, gen) * 255).round().clamp(0, 255).to(torch.uint8).to(images.device))
-    return torch.cat([images, *copies]), torch.cat([labels, labels[src]])
+    src = torch.cat(sources) if sources else torch.empty(0, dtype=torch.long, device=labels.device)
+    made = [(transform(images[chunk].float() / 255, gen) * 255).round().clamp(0, 255).to(torch.uint8)
+            for chunk in src.split(batch)]
+    return (torch.cat(made) if made else images[:0]), labels[src]

@@ -131,7 +131,7 @@ def _asker(slots: list[tuple[dict, Store]], spec: Study, owner: dict[str, Store]
             if not slots:
                 return Searcher.FINISHED
             condition, store = slots.pop(0)
-            trial = store.ask(space)
+            trial = store.study.ask(space)  # the condition's sampler (TPE) proposes the values
             seed = spec.seeds[0]
             work = Work(key=f"{condition_id(condition)}/tune={trial.number}", condition=condition, seed=seed,
                         settings={**spec.settings(condition, seed), **trial.params})

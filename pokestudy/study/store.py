@@ -95,10 +95,6 @@ class Store:
                                 user_attrs=_identity(work))
         self.open[work.key] = optuna.Trial(self.study, self.storage.create_new_trial(self.study_id, template))
 
-    def ask(self, space: dict[str, BaseDistribution]) -> optuna.Trial:
-        """A tuning trial: the study's sampler (TPE) proposes the nuisance values."""
-        return self.study.ask(space)
-
     def adopt(self, work: Work, trial: optuna.Trial) -> None:
         for k, v in _identity(work).items():
             trial.set_user_attr(k, v)
