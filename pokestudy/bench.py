@@ -8,9 +8,12 @@ d. seconds from `pokestudy run` to the first finished epoch, with a warm data ca
 
 from __future__ import annotations
 
+import contextlib
+import multiprocessing
 import os
 import signal
 import sqlite3
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -23,11 +26,12 @@ import yaml
 
 from pokestudy.data import Prepared, prepare
 from pokestudy.models import MODELS
-from pokestudy.train import TrialConfig, run_trial
+from pokestudy.train import TrialConfig, resolve_device, run_trial
 
 
 def reference_images_per_s(data: Prepared, cfg: TrialConfig, workdir: Path, limit: int = 1024) -> float:
-    """The seed's way: JPEG files on disk, torchvision ImageFolder, PIL transforms, DataLoader."""
+    """The seed's way: JPEG files on disk, torchvision ImageFolder, PIL transforms, DataLoader;
+    the model on the same device as the engine's."""
     from PIL import Image
     from torch.utils.data import DataLoader
     from torchvision import datasets, transforms
@@ -41,16 +45,18 @@ def reference_images_per_s(data: Prepared, cfg: TrialConfig, workdir: Path, limi
                              transforms.RandomHorizontalFlip(), transforms.RandomVerticalFlip(),
                              transforms.ToTensor(), transforms.Normalize(0.5, 0.25)])
     loader = DataLoader(datasets.ImageFolder(str(workdir), tf), batch_size=cfg.batch_size, shuffle=True, drop_last=True)
-    model = MODELS[cfg.arch](len(data.classes), cfg.width, cfg.res)
+    device = resolve_device(cfg.device)
+    model = MODELS[cfg.arch](len(data.classes), cfg.width, cfg.res).to(device)
     opt = torch.optim.AdamW(model.parameters(), cfg.lr)
     model.train()
     seen, start = 0, time.perf_counter()
     for xb, yb in loader:
-        loss = F.cross_entropy(model(xb), yb)
+        loss = F.cross_entropy(model(xb.to(device)), yb.to(device))
         opt.zero_grad()
         loss.backward()
         opt.step()
         seen += len(yb)
+    loss.item()  # waits for a GPU to finish
     return seen / (time.perf_counter() - start)
 
 
@@ -65,26 +71,34 @@ def flops_per_image(data: Prepared, cfg: TrialConfig) -> float:
     return counter.get_total_flops() / cfg.batch_size
 
 
-def matmul_flops(n: int = 1024, repeat: int = 20) -> float:
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    a @ b
-    start = time.perf_counter()
-    for _ in range(repeat):
-        a @ b
-    return 2 * n**3 * repeat / (time.perf_counter() - start)
+def matmul_flops(device: torch.device, n: int = 1024, repeat: int = 10, windows: int = 5) -> float:
+    """The roof: float32 matmul FLOP/s, the best of a few windows (a low roof would flatter the engine)."""
+    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+    (a @ b).sum().item()
+    best = float("inf")
+    for _ in range(windows):
+        start = time.perf_counter()
+        for _ in range(repeat):
+            c = a @ b
+        c[0, 0].item()  # waits for a GPU to finish
+        best = min(best, time.perf_counter() - start)
+    return 2 * n**3 * repeat / best
 
 
 def _spec(path: Path, name: str, data: str, res: int, cfg: TrialConfig, seeds: int) -> Path:
+    """A one-condition study; on a GPU machine, four trials share each GPU."""
     spec = {"name": name, "question": "bench", "data": {"source": data, "res": res},
             "factors": {"arch": [cfg.arch]}, "seeds": list(range(seeds)),
+            "resources": {"cpus": 1, "gpus": 0.25 if torch.cuda.is_available() else 0},
             "fixed": {"width": cfg.width, "epochs": cfg.epochs, "batch_size": cfg.batch_size}}
     path.write_text(yaml.safe_dump(spec))
     return path
 
 
 def study_overhead(data_spec: str, data: Prepared, cfg: TrialConfig, workdir: Path, trials: int) -> dict:
-    """The same `trials` short trials through Ray Tune (2 slots of 1 CPU) and in a plain loop."""
+    """The same `trials` short trials through Ray Tune (one slot per core, or 4 per GPU) and in a plain loop."""
     import optuna
+    import ray
 
     from pokestudy.study import runner, spec
 
@@ -93,8 +107,11 @@ def study_overhead(data_spec: str, data: Prepared, cfg: TrialConfig, workdir: Pa
     start = time.perf_counter()
     runner.run(study, storage=url, results=workdir, study_name="overhead")
     wall = time.perf_counter() - start
+    ray.shutdown()  # the measurements after this one get the machine to themselves
     seconds = [t.user_attrs["seconds"] for t in optuna.load_study(study_name="overhead", storage=url).get_trials()]
-    slots = min(trials, int(os.cpu_count() or 1) // int(study.resources.cpus) or 1)
+    gpus = study.resources.gpus
+    slots = min(trials, int((os.cpu_count() or 1) // study.resources.cpus) or 1,
+                int(torch.cuda.device_count() / gpus) if gpus else trials)
     start = time.perf_counter()
     for work in study.trials():
         run_trial(TrialConfig.from_dict(work.settings), data)
@@ -103,10 +120,14 @@ def study_overhead(data_spec: str, data: Prepared, cfg: TrialConfig, workdir: Pa
             "study_overhead": wall / (sum(seconds) / slots), "study_vs_loop": wall / loop}
 
 
-def first_epoch_seconds(data_spec: str, cfg: TrialConfig, workdir: Path) -> float:
-    """Wall time from launching `pokestudy run` to the first epoch stored in Optuna (warm cache)."""
+def first_epoch_seconds(data_spec: str, cfg: TrialConfig, workdir: Path, launches: int = 3) -> float:
+    """Wall time from launching `pokestudy run` to the first epoch stored in Optuna (warm cache),
+    the median of a few launches: one launch varies by a few seconds with what else the machine does."""
     path = _spec(workdir / "first.yaml", "first", data_spec, cfg.res, cfg, 1)
-    db = workdir / "first" / "pokestudy.db"
+    return statistics.median(_first_epoch(path, workdir / f"first-{i}" / "pokestudy.db") for i in range(launches))
+
+
+def _first_epoch(path: Path, db: Path) -> float:
     start = time.perf_counter()
     proc = subprocess.Popen([sys.executable, "-m", "pokestudy", "run", "--study", str(path),
                              "--results", str(db.parent)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
@@ -123,23 +144,63 @@ def first_epoch_seconds(data_spec: str, cfg: TrialConfig, workdir: Path) -> floa
             time.sleep(0.1)
         raise RuntimeError("the benchmark's `pokestudy run` ended before its first epoch")
     finally:
-        if proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGTERM)
-            proc.wait()
+        proc.wait()
+        _wait_gone(proc.pid)
 
 
-def run(data_spec: str, res: int, arch: str = "cnn", trials: int = 4) -> dict:
-    data = prepare(data_spec, res)
-    cfg = TrialConfig(arch=arch, res=res, augment="paper", epochs=2)
-    engine = run_trial(cfg, data)["final"]["images_per_s"]
+def _wait_gone(group: int, timeout: float = 30) -> None:
+    """Wait until the run's Ray processes have exited, so that they do not slow the next launch."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(group, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.2)
+
+
+def _engine(cfg: TrialConfig, data_spec: str, threads: int) -> float:
+    """One trial's training images/s, in a fresh process like a study's worker (warm data cache)."""
+    torch.set_num_threads(threads)
+    return run_trial(cfg, prepare(data_spec, cfg.res))["final"]["images_per_s"]
+
+
+def _reference(cfg: TrialConfig, data_spec: str, threads: int) -> float:
+    torch.set_num_threads(threads)
     with tempfile.TemporaryDirectory() as tmp:
-        tmp = Path(tmp)
-        reference = reference_images_per_s(data, cfg, tmp / "imagefolder")
-        flops = flops_per_image(data, cfg)
-        roof = matmul_flops()
-        overhead = study_overhead(data_spec, data, TrialConfig(arch=arch, res=res, epochs=1), tmp, trials)
-        first = first_epoch_seconds(data_spec, TrialConfig(arch=arch, res=res, epochs=1), tmp)
-    return {"data": data_spec, "res": res, "arch": arch, "threads": torch.get_num_threads(),
+        return reference_images_per_s(prepare(data_spec, cfg.res), cfg, Path(tmp))
+
+
+def _in_processes(fn, *args, copies: int = 1) -> list[float]:
+    """Run `fn(*args)` in `copies` fresh processes at once: no warm allocator, threads or caches
+    carry over from one measurement to the next, and concurrent copies share the machine as trials do."""
+    with multiprocessing.get_context("spawn").Pool(copies) as pool:
+        return pool.starmap(fn, [args] * copies)
+
+
+def run(data_spec: str, res: int, arch: str = "cnn", trials: int = 8) -> dict:
+    data = prepare(data_spec, res)  # build the cache once, before the measurements
+    device = resolve_device("auto")
+    cfg = TrialConfig(arch=arch, res=res, augment="paper", epochs=2 if device.type == "cpu" else 10)
+    cores = os.cpu_count() or 1
+    if device.type == "cpu":  # the threads of one trial, or one trial per core: which trains more images?
+        layouts = {f"1 trial x {cores} threads": _in_processes(_engine, cfg, data_spec, cores)[0],
+                   f"{cores} trials x 1 thread": sum(_in_processes(_engine, cfg, data_spec, 1, copies=cores))}
+    else:  # trials sharing one GPU
+        layouts = {f"{n} trials per GPU": sum(_in_processes(_engine, cfg, data_spec, 1, copies=n)) for n in (1, 2, 4)}
+    layout, engine = max(layouts.items(), key=lambda item: item[1])
+    reference = _in_processes(_reference, cfg, data_spec, cores)[0]
+    flops = flops_per_image(data, cfg)
+    torch.set_num_threads(cores)
+    roof = matmul_flops(device)
+    short = TrialConfig(arch=arch, res=res, epochs=3)
+    with tempfile.TemporaryDirectory() as tmp:
+        overhead = study_overhead(data_spec, data, short, Path(tmp), trials)
+        first = first_epoch_seconds(data_spec, short, Path(tmp))
+    return {"data": data_spec, "res": res, "arch": arch, "device": str(device), "cores": cores,
+            "layouts_images_per_s": layouts, "layout": layout,
             "engine_images_per_s": engine, "reference_images_per_s": reference, "speedup": engine / reference,
             "train_flops_per_image": flops, "engine_flops_per_s": flops * engine, "matmul_flops_per_s": roof,
             "flops_fraction": flops * engine / roof, **overhead, "first_epoch_s": first}

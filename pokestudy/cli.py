@@ -115,7 +115,7 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--data", default="sprites:frames=4")
     b.add_argument("--res", type=int, default=64)
     b.add_argument("--arch", default="cnn")
-    b.add_argument("--trials", type=int, default=4, help="short trials in the study-overhead measurement")
+    b.add_argument("--trials", type=int, default=8, help="short trials in the study-overhead measurement")
     b.add_argument("--json", action="store_true")
     b.set_defaults(func=_bench)
 
@@ -141,7 +141,6 @@ def _storage_url(args: argparse.Namespace) -> str:
 def _run(args: argparse.Namespace) -> int:
     from optuna.trial import TrialState
 
-    from pokestudy.report import build
     from pokestudy.study import runner, spec
 
     study = spec.load(args.study)
@@ -152,6 +151,8 @@ def _run(args: argparse.Namespace) -> int:
         print(f"pokestudy: no trial of {stored.study_name} finished; their errors are in the storage "
               "(`pokestudy dashboard`)", file=sys.stderr)
         return 1
+    from pokestudy.report import build  # matplotlib and friends: imported after the trials, not before
+
     build(stored, args.results, ("csv", "md", "tex", "json"))
     return 0
 
@@ -196,12 +197,14 @@ def _bench(args: argparse.Namespace) -> None:
     if args.json:
         print(json.dumps(result))
         return
-    rows = [("engine (img/s)", result["engine_images_per_s"]), ("reference loop (img/s)", result["reference_images_per_s"]),
+    rows = [*((f"engine, {name} (img/s)", v) for name, v in result["layouts_images_per_s"].items()),
+            ("reference loop (img/s)", result["reference_images_per_s"]),
             ("speedup", result["speedup"]), ("FLOP/s fraction of matmul", result["flops_fraction"]),
             ("study wall / ideal", result["study_overhead"]), ("study wall / plain loop", result["study_vs_loop"]),
             ("first epoch (s)", result["first_epoch_s"])]
     for name, value in rows:
-        print(f"{name:<28}{value:>10.2f}")
+        print(f"{name:<36}{value:>10.2f}")
+    print(f"fastest layout, used for speedup and FLOP/s: {result['layout']}")
 
 
 def _dashboard(args: argparse.Namespace) -> None:

@@ -8,6 +8,7 @@ repeat.
 
 from __future__ import annotations
 
+import functools
 import importlib.metadata
 import logging
 
@@ -22,8 +23,10 @@ optuna.logging.set_verbosity(logging.WARNING)
 PACKAGES = ("pokestudy", "torch", "torchvision", "ray", "optuna", "optuna-dashboard")
 
 
+@functools.cache
 def storage(url: str) -> optuna.storages.BaseStorage:
-    """An Optuna RDB storage; SQLite waits for readers (the dashboard) instead of failing."""
+    """An Optuna RDB storage, one per URL and process (each opening checks the schema);
+    SQLite waits for readers (the dashboard) instead of failing."""
     kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {"pool_pre_ping": True}
     try:
         return optuna.storages.RDBStorage(url, engine_kwargs=kwargs)
