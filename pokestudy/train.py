@@ -9,7 +9,6 @@ separate number, `train_acc_augmented`.
 from __future__ import annotations
 
 import ctypes
-import math
 import time
 from dataclasses import asdict, dataclass, fields
 from typing import Callable
@@ -27,7 +26,8 @@ OPTIMIZERS = ("adamw", "sgd")
 
 
 class Diverged(RuntimeError):
-    """The loss became NaN or infinite: the trial stops and is recorded as failed with this message."""
+    """The loss became NaN or infinite: the trial stops at the end of that epoch and is recorded as
+    failed with this message."""
 
 
 @dataclass
@@ -169,9 +169,10 @@ def run_trial(cfg: TrialConfig, data: Prepared, on_epoch: Callable[[Record], Non
     layout = memory_format(model, device)
     model = model.to(device, memory_format=layout)
     if cfg.optimizer == "sgd":
-        opt = torch.optim.SGD(model.parameters(), cfg.lr, momentum=0.9, nesterov=True, weight_decay=cfg.weight_decay)
+        opt = torch.optim.SGD(model.parameters(), cfg.lr, momentum=0.9, nesterov=True, weight_decay=cfg.weight_decay,
+                              fused=True)
     else:
-        opt = torch.optim.AdamW(model.parameters(), cfg.lr, weight_decay=cfg.weight_decay)
+        opt = torch.optim.AdamW(model.parameters(), cfg.lr, weight_decay=cfg.weight_decay, fused=True)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, cfg.lr, total_steps=cfg.epochs * steps, pct_start=0.15)
 
     history: list[Record] = []
@@ -182,7 +183,7 @@ def run_trial(cfg: TrialConfig, data: Prepared, on_epoch: Callable[[Record], Non
         model.train()
         tick = time.perf_counter()
         order = torch.randperm(len(y_pool), generator=gen, device=device)[: steps * batch]
-        correct = torch.zeros((), device=device)
+        correct, losses = torch.zeros((), device=device), torch.empty(steps, device=device)
         for step, idx in enumerate(order.view(steps, batch)):
             x = x_pool[idx].float() / 255
             if policy.online:
@@ -191,15 +192,17 @@ def run_trial(cfg: TrialConfig, data: Prepared, on_epoch: Callable[[Record], Non
             with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
                 logits = model(x)
                 loss = F.cross_entropy(logits.float(), y_pool[idx], label_smoothing=cfg.label_smoothing)
-            if not math.isfinite(loss.item()):
-                raise Diverged(f"loss became {loss.item()} at epoch {epoch}, step {step + 1} (lr={cfg.lr}); "
-                               "lower the learning rate")
+            losses[step] = loss.detach()  # checked once per epoch: no GPU sync per step
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             sched.step()
             correct += (logits.argmax(1) == y_pool[idx]).sum()
         train_seconds += time.perf_counter() - tick
+        bad = (~torch.isfinite(losses)).nonzero().flatten().tolist()
+        if bad:
+            raise Diverged(f"loss became {losses[bad[0]].item()} at epoch {epoch}, step {bad[0] + 1} (lr={cfg.lr}); "
+                           "lower the learning rate")
 
         record: Record = {"epoch": epoch, "train_acc_augmented": correct.item() / (steps * batch)}
         for name, (x, y) in data.sets.items():

@@ -25,15 +25,16 @@ def paper(x: torch.Tensor, gen: torch.Generator, degrees: float = 30.0) -> torch
     One affine grid does all three; corners uncovered by the rotation are filled with white,
     like the images' own background. `x` is float in [0, 1], N x C x H x W.
     """
-    n = x.shape[0]
+    n, h, w = x.shape[0], x.shape[-2], x.shape[-1]
     angle = (torch.rand(n, generator=gen, device=gen.device) * 2 - 1) * math.radians(degrees)
     sx = torch.where(torch.rand(n, generator=gen, device=gen.device) < 0.5, -1.0, 1.0)
     sy = torch.where(torch.rand(n, generator=gen, device=gen.device) < 0.5, -1.0, 1.0)
     cos, sin = torch.cos(angle), torch.sin(angle)
-    zero = torch.zeros_like(cos)
-    theta = torch.stack([torch.stack([cos * sx, -sin * sy, zero], 1),
-                         torch.stack([sin * sx, cos * sy, zero], 1)], 1).to(x.dtype)
-    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    # the sampling grid of F.affine_grid (align_corners=False), by broadcasting: ~3x faster on CPU
+    xs = (torch.arange(w, device=x.device, dtype=x.dtype) * 2 + 1) / w - 1
+    ys = ((torch.arange(h, device=x.device, dtype=x.dtype) * 2 + 1) / h - 1)[:, None]
+    a, b, c, d = (v.to(x.dtype).view(n, 1, 1) for v in (cos * sx, -sin * sy, sin * sx, cos * sy))
+    grid = torch.stack([a * xs + b * ys, c * xs + d * ys], -1)
     return F.grid_sample(x - 1, grid, align_corners=False) + 1
 
 
