@@ -55,6 +55,15 @@ def test_every_format_figure_and_the_summary_are_written(report: Path):
         assert heading in summary
 
 
+def test_the_summary_names_every_main_effect_whose_ci_excludes_zero(report: Path):
+    effects = pd.read_csv(report / "effects.csv")
+    summary = (report / "summary.md").read_text()
+    clear = effects[(effects.gap_lo > 0) | (effects.gap_hi < 0)]
+    for _, r in effects.iterrows():
+        assert (f"**{r.factor}={r.level}**" in summary) == (r.name in clear.index)
+    assert ("no factor clearly moves it" in summary) == clear.empty
+
+
 def test_dashboard_note_and_figure_artifacts_are_stored_once(report: Path):
     from optuna_dashboard._note import get_note_from_system_attrs
 

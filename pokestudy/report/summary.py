@@ -46,13 +46,15 @@ def write(study: optuna.Study, df: pd.DataFrame, table: pd.DataFrame, effects: p
                 verdict = "significant (CI excludes 0)" if real else "not distinguishable from 0"
                 lines.append(f"- {name}: {label} {_ci(r[f'{metric}_mean'], r[f'{metric}_lo'], r[f'{metric}_hi'])} — {verdict}")
     if not effects.empty:
-        top = effects.loc[effects["gap_diff"].abs().idxmax()]
-        sure = "" if top["gap_lo"] > 0 or top["gap_hi"] < 0 else " — but its CI includes 0, so no factor clearly moves it"
+        clear = effects[(effects["gap_lo"] > 0) | (effects["gap_hi"] < 0)]
+        clear = clear.loc[clear["gap_diff"].abs().sort_values(ascending=False).index]
+        verdict = ("Main effects on the train − test gap whose CI excludes 0: " + "; ".join(
+            f"**{r['factor']}={r['level']}** vs {r['reference']}: {_ci(r['gap_diff'], r['gap_lo'], r['gap_hi'])}"
+            for _, r in clear.iterrows()) + "." if not clear.empty else
+            "No main effect on the train − test gap has a CI that excludes 0: no factor clearly moves it.")
         lines += ["", "## What moves the gap", "",
                   "Main effects (level − reference, paired over the other factors and seeds):", "",
-                  readable(effects).to_markdown(index=False), "",
-                  f"The largest effect on the train − test gap is **{top['factor']}={top['level']}** vs "
-                  f"{top['reference']}: {_ci(top['gap_diff'], top['gap_lo'], top['gap_hi'])}{sure}."]
+                  readable(effects).to_markdown(index=False), "", verdict]
     if "augment" in df and {"paper", "paper-offline"} <= set(df["augment"]):
         d = paired(df, "augment", "gap", "paper-offline", "paper")
         mean, _, lo, hi = interval(d)
