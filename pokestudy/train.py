@@ -94,12 +94,15 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters
+
+
 def keep_freed_memory() -> None:
     """Ask glibc to keep freed memory for reuse instead of handing it back to the kernel.
 
     By default large activations are mmap-ed and unmapped every step, so each step page-faults
-    its way through fresh memory: with this, a CPU training step runs ~1.2-1.4x faster
-    (`pokestudy bench`). A no-op where the C library is not glibc.
+    its way through fresh memory: with this, a CNN or ResNet training step on 2 CPU threads ran
+    1.2-1.4x faster here. A no-op where the C library is not glibc.
     """
     try:
         libc = ctypes.CDLL("libc.so.6")
@@ -107,9 +110,6 @@ def keep_freed_memory() -> None:
         libc.mallopt(_M_TRIM_THRESHOLD, 1 << 30)
     except (OSError, AttributeError):
         pass
-
-
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters
 
 
 def memory_format(model: torch.nn.Module, device: torch.device) -> torch.memory_format:
