@@ -77,7 +77,7 @@ def _data_figures(study: optuna.Study, df: pd.DataFrame, out: Path) -> list[Path
                 key = (data.classes[t], data.classes[p])
                 pairs[key] = pairs.get(key, 0) + 1
     confused = pd.DataFrame([(t, p, n) for (t, p), n in pairs.items()], columns=["true", "predicted", "count"])
-    confused = confused.sort_values("count", ascending=False, kind="stable")
+    confused = confused.sort_values(["count", "true", "predicted"], ascending=[False, True, True])  # ties by name
     tables.export(confused, out, "confusions", ("csv",))
     return [figures.predictions(images, labels, data.classes, runs, out), figures.confusions(confused, out)]
 
