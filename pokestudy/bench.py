@@ -105,7 +105,7 @@ def study_overhead(data_spec: str, data: Prepared, cfg: TrialConfig, workdir: Pa
     study = spec.load(str(_spec(workdir / "overhead.yaml", "overhead", data_spec, cfg.res, cfg, trials)))
     url = f"sqlite:///{workdir / 'bench.db'}"
     start = time.perf_counter()
-    runner.run(study, storage=url, results=workdir, study_name="overhead")
+    runner.run_study(study, storage=url, results=workdir, study_name="overhead")
     wall = time.perf_counter() - start
     ray.shutdown()  # the measurements after this one get the machine to themselves
     seconds = [t.user_attrs["seconds"] for t in optuna.load_study(study_name="overhead", storage=url).get_trials()]
@@ -185,7 +185,7 @@ def _images_per_s(fn, *args, copies: int = 1, repeats: int = 2) -> float:
     return best
 
 
-def run(data_spec: str, res: int, arch: str = "cnn", trials: int = 8) -> dict:
+def measure(data_spec: str, res: int, arch: str = "cnn", trials: int = 8) -> dict:
     data = prepare(data_spec, res)  # build the cache once, before the measurements
     device = resolve_device("auto")
     cfg = TrialConfig(arch=arch, res=res, augment="paper", epochs=2 if device.type == "cpu" else 10)

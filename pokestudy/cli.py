@@ -19,20 +19,25 @@ def _data_info(args: argparse.Namespace) -> None:
     from pokestudy.data import prepare
 
     m = prepare(args.data, args.res).manifest
-    info = {k: m[k] for k in ("classes", "images", "per_class", "skipped", "duplicates", "splits", "extras", "cache")}
+    info = {k: m[k] for k in ("classes", "images", "per_class", "skipped", "duplicates", "conflicts", "splits", "extras",
+                              "fingerprint", "cache")}
     if args.json:
         print(json.dumps(info))
         return
     pc = info["per_class"]
     print(f"classes     {info['classes']}\nimages      {info['images']} "
           f"(per class min {pc['min']}, median {pc['median']}, max {pc['max']})\n"
-          f"duplicates  {info['duplicates']} removed\nskipped     {len(info['skipped'])} files")
+          f"duplicates  {info['duplicates']} removed\n"
+          f"conflicts   {len(info['conflicts'])} (the same bytes under different classes: no copy is used)")
+    for c in info["conflicts"]:
+        print(f"  {' = '.join(c['paths'])}")
+    print(f"skipped     {len(info['skipped'])} files")
     for s in info["skipped"]:
         print(f"  {s['path']}: {s['reason']}")
     print("splits      " + ", ".join(f"{k} {v}" for k, v in info["splits"].items()))
     for name, n in info["extras"].items():
         print(f"extra set   {name} {n}")
-    print(f"cache       {info['cache']}")
+    print(f"fingerprint {info['fingerprint']}\ncache       {info['cache']}")
 
 
 def _train(args: argparse.Namespace) -> None:
@@ -83,7 +88,7 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--augment")
     for flag, kind in [("epochs", int), ("res", int), ("width", int), ("lr", float), ("weight-decay", float),
                        ("dropout", float), ("label-smoothing", float), ("batch-size", int), ("seed", int),
-                       ("patience", int)]:
+                       ("patience", int), ("lr-cuts", int), ("min-delta", float), ("warmup", int)]:
         t.add_argument(f"--{flag}", type=kind)
     t.add_argument("--optimizer")
     t.add_argument("--device")
@@ -91,11 +96,14 @@ def parser() -> argparse.ArgumentParser:
     t.set_defaults(func=_train)
 
     r = sub.add_parser("run", help="run a study with Ray Tune, every epoch stored in Optuna")
-    r.add_argument("--study", required=True, help="a name from studies/ or a path to a .yaml spec")
+    r.add_argument("--study", required=True, help="a shipped study's name (`pokestudy studies --available`) "
+                                                  "or a path to a .yaml spec")
     r.add_argument("--data", help="override the spec's data source")
     r.add_argument("--address", help="an existing Ray cluster (default: a local Ray sized to this machine)")
     r.add_argument("--max-concurrent", type=int, help="at most this many trials at once")
     r.add_argument("--gpus-per-trial", type=float, help="GPU fraction per trial (overrides the spec)")
+    r.add_argument("--restart", action="store_true",
+                   help="keep the stored study of this name as NAME.archived-TIME and start it over")
     r.add_argument("--verbose", action="store_true", help="show Ray's own logs")
     _storage_args(r, study_name=True)
     r.set_defaults(func=_run)
@@ -144,56 +152,61 @@ def _run(args: argparse.Namespace) -> int:
     from pokestudy.study import runner, spec
 
     study = spec.load(args.study)
-    stored = runner.run(study, storage=_storage_url(args), results=args.results,
-                        study_name=args.study_name or study.name, data=args.data, address=args.address,
-                        max_concurrent=args.max_concurrent, gpus_per_trial=args.gpus_per_trial, verbose=args.verbose)
+    url = _storage_url(args)
+    stored = runner.run_study(study, storage=url, results=args.results,
+                              study_name=args.study_name or study.name, data=args.data, address=args.address,
+                              max_concurrent=args.max_concurrent, gpus_per_trial=args.gpus_per_trial,
+                              restart=args.restart, verbose=args.verbose)
     if not stored.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
         print(f"pokestudy: no trial of {stored.study_name} finished; their errors are in the storage "
               "(`pokestudy dashboard`)", file=sys.stderr)
         return 1
     from pokestudy.report import build  # matplotlib and friends: imported after the trials, not before
 
-    build(stored, args.results, ("csv", "md", "tex", "json"))
+    build(url, stored.study_name, args.results, ("csv", "md", "tex", "json"),
+          generator=f"pokestudy run --study {args.study}")
     return 0
 
 
 def _report(args: argparse.Namespace) -> None:
     from pokestudy.report import build
-    from pokestudy.study.store import open_study
 
     formats = tuple(f.strip() for f in args.format.split(",") if f.strip())
     bad = set(formats) - {"csv", "md", "tex", "json"}
     if bad or not formats:
         raise UserError(f"unknown format(s) {', '.join(sorted(bad)) or '(none)'}; use csv, md, tex, json")
-    build(open_study(_storage_url(args), args.study), args.results, formats)
+    build(_storage_url(args), args.study, args.results, formats, generator=f"pokestudy report --study {args.study}")
 
 
 def _studies(args: argparse.Namespace) -> None:
     import optuna
 
     from pokestudy.study import spec
+    from pokestudy.study.record import provenance_line
     from pokestudy.study.store import storage
 
     if args.available:
-        for path in spec.available():
-            print(f"{path.stem:<10} {spec.load(str(path)).question}")
+        for name, text in spec.available().items():
+            print(f"{name:<10} {spec.parse(text, name).question}")
         return
     url = _storage_url(args)
     summaries = optuna.get_all_study_summaries(storage(url), include_best_trial=False)
     if not summaries:
         print(f"no studies in {url}; start one with `pokestudy run --study overfit`")
     for s in summaries:
-        states = optuna.load_study(study_name=s.study_name, storage=storage(url)).get_trials(deepcopy=False)
+        study = optuna.load_study(study_name=s.study_name, storage=storage(url))
         counts: dict[str, int] = {}
-        for t in states:
+        for t in study.get_trials(deepcopy=False):
             counts[t.state.name] = counts.get(t.state.name, 0) + 1
         print(f"{s.study_name:<16} {s.n_trials:>4} trials  " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
+        if "provenance" in study.user_attrs:
+            print(f"{'':<16} {provenance_line(study.user_attrs['provenance'])}")
 
 
 def _bench(args: argparse.Namespace) -> None:
     from pokestudy import bench
 
-    result = bench.run(args.data, args.res, args.arch, args.trials)
+    result = bench.measure(args.data, args.res, args.arch, args.trials)
     if args.json:
         print(json.dumps(result))
         return
@@ -210,8 +223,7 @@ def _bench(args: argparse.Namespace) -> None:
 def _dashboard(args: argparse.Namespace) -> None:
     from optuna_dashboard import run_server
 
-    from pokestudy.report import artifact_store
-    from pokestudy.study.store import storage
+    from pokestudy.study.store import artifact_store, storage
 
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"pokestudy: warning: the dashboard on {args.host} is reachable by others and has no login",

@@ -1,9 +1,15 @@
-"""One trial: train a model on prepared tensors and report every epoch to a callback.
+"""One trial: train a model on prepared tensors to a plateau and report every epoch to a callback.
 
 Knows nothing of Ray or Optuna: the study layer passes `on_epoch` and reads the returned
 summary. Every metric is measured the same way (eval mode, no augmentation, whole split), so
 `gap = train_acc - test_acc` compares like with like; the accuracy on augmented batches is a
 separate number, `train_acc_augmented`.
+
+Schedule and stopping rule agree, so no model stops mid-schedule at a high learning rate: a
+linear warm-up, then the learning rate is held until training stalls (neither validation nor
+clean train accuracy beat their best by `min_delta` for `patience` epochs), cut ×0.1 at each
+stall, and training stops at the stall after the last of `lr_cuts` cuts. Such a trial is
+*converged*; one that reaches the `epochs` cap first is not, and no verdict rests on it.
 """
 
 from __future__ import annotations
@@ -43,8 +49,11 @@ class TrialConfig:
     dropout: float = 0.0
     label_smoothing: float = 0.0
     batch_size: int = 64
-    epochs: int = 20
-    patience: int | None = None  # stop after this many epochs without a better val_acc
+    epochs: int = 60  # the cap: a trial that reaches it before the plateau rule stops it is not converged
+    patience: int = 3  # epochs without progress that make a stall (lr cut, or stop after the last cut)
+    lr_cuts: int = 2
+    min_delta: float = 0.005  # accuracy gain that counts as progress (0.5 points)
+    warmup: int = 1  # epochs of linear learning-rate warm-up
     seed: int = 0
     device: str = "auto"
 
@@ -64,6 +73,8 @@ class TrialConfig:
             (0 <= self.label_smoothing < 1, f"label smoothing must be in [0, 1), got {self.label_smoothing}"),
             (self.width >= 1 and self.batch_size >= 2 and self.epochs >= 1,
              "width >= 1, batch size >= 2 and epochs >= 1 are required"),
+            (self.patience >= 1 and self.lr_cuts >= 0 and self.warmup >= 0 and self.min_delta >= 0,
+             "patience >= 1, lr_cuts >= 0, warmup >= 0 and min_delta >= 0 are required"),
         ]
         for ok, message in checks:
             if not ok:
@@ -79,6 +90,40 @@ class TrialConfig:
 
 
 _KINDS = {f.name: {"int": int, "float": (int, float), "str": str}[f.type.split(" |")[0]] for f in fields(TrialConfig)}
+
+
+class Plateau:
+    """The learning-rate schedule and the stopping rule in one place, so they cannot disagree.
+
+    `step()` gives the factor for the next optimizer step (warm-up); `epoch_end()` reads the
+    epoch's clean train and validation accuracy and says whether to stop.
+    """
+
+    def __init__(self, cfg: TrialConfig, steps_per_epoch: int):
+        self.cfg, self.warm_steps, self.steps = cfg, cfg.warmup * steps_per_epoch, 0
+        self.scale, self.cuts, self.stalled = 1.0, 0, 0
+        self.best = {"train_acc": -1.0, "val_acc": -1.0}
+        self.converged = False
+
+    def factor(self) -> float:
+        self.steps += 1
+        return self.scale * min(1.0, self.steps / self.warm_steps if self.warm_steps else 1.0)
+
+    def epoch_end(self, record: Record) -> bool:
+        progress = False
+        for k in self.best:
+            if record[k] > self.best[k] + self.cfg.min_delta:
+                progress = True
+            self.best[k] = max(self.best[k], record[k])
+        self.stalled = 0 if progress else self.stalled + 1
+        if self.stalled < self.cfg.patience:
+            return False
+        self.stalled = 0
+        if self.cuts < self.cfg.lr_cuts:
+            self.cuts, self.scale = self.cuts + 1, self.scale * 0.1
+            return False
+        self.converged = True
+        return True
 _KIND_NAMES = {int: "an integer", (int, float): "a number", str: "a string"}
 
 
@@ -173,7 +218,7 @@ def run_trial(cfg: TrialConfig, data: Prepared, on_epoch: Callable[[Record], Non
                               fused=True)
     else:
         opt = torch.optim.AdamW(model.parameters(), cfg.lr, weight_decay=cfg.weight_decay, fused=True)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, cfg.lr, total_steps=cfg.epochs * steps, pct_start=0.15)
+    plateau = Plateau(cfg, steps)
 
     history: list[Record] = []
     best: Record | None = None
@@ -195,8 +240,9 @@ def run_trial(cfg: TrialConfig, data: Prepared, on_epoch: Callable[[Record], Non
             losses[step] = loss.detach()  # checked once per epoch: no GPU sync per step
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            for group in opt.param_groups:
+                group["lr"] = cfg.lr * plateau.factor()
             opt.step()
-            sched.step()
             correct += (logits.argmax(1) == y_pool[idx]).sum()
         train_seconds += time.perf_counter() - tick
         bad = (~torch.isfinite(losses)).nonzero().flatten().tolist()
@@ -204,7 +250,8 @@ def run_trial(cfg: TrialConfig, data: Prepared, on_epoch: Callable[[Record], Non
             raise Diverged(f"loss became {losses[bad[0]].item()} at epoch {epoch}, step {bad[0] + 1} (lr={cfg.lr}); "
                            "lower the learning rate")
 
-        record: Record = {"epoch": epoch, "train_acc_augmented": correct.item() / (steps * batch)}
+        record: Record = {"epoch": epoch, "lr": opt.param_groups[0]["lr"],
+                          "train_acc_augmented": correct.item() / (steps * batch)}
         for name, (x, y) in data.sets.items():
             acc, loss_value, pred = evaluate(model, x, y, device)
             record[f"{name}_acc"], record[f"{name}_loss"] = acc, loss_value
@@ -220,7 +267,7 @@ def run_trial(cfg: TrialConfig, data: Prepared, on_epoch: Callable[[Record], Non
             on_epoch(record)
         if best is None or record["val_acc"] > best["val_acc"]:
             best = record
-        if cfg.patience and epoch - best["epoch"] >= cfg.patience:
+        if plateau.epoch_end(record):
             break
     return {"config": asdict(cfg), "final": history[-1], "best": best, "history": history,
-            "test_predictions": test_pred.tolist()}
+            "converged": plateau.converged, "test_predictions": test_pred.tolist()}

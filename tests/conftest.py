@@ -94,5 +94,5 @@ def smoke_run(ray_local, tmp_path_factory: pytest.TempPathFactory) -> tuple[str,
 
     results = tmp_path_factory.mktemp("smoke")
     url = f"sqlite:///{results / 'pokestudy.db'}"
-    runner.run(spec.load("smoke"), storage=url, results=results, study_name="smoke")
+    runner.run_study(spec.load("smoke"), storage=url, results=results, study_name="smoke")
     return url, results

@@ -104,3 +104,25 @@ def test_data_info_json(messy_folder: Path):
     assert info["classes"] == 4 and info["images"] == 32 and info["duplicates"] == 1
     assert {s["path"] for s in info["skipped"]} >= {"class0/vector.svg", "class0/truncated.jpg"}
     assert sum(info["splits"].values()) == 32 and Path(info["cache"]).is_file()
+
+
+def test_the_same_bytes_under_two_classes_are_a_label_conflict_and_neither_copy_is_used(messy_folder: Path):
+    original = messy_folder / "class2" / "3.jpg"
+    (messy_folder / "class1" / "stray.jpg").write_bytes(original.read_bytes())
+    out = pokestudy("data", "info", "--data", str(messy_folder), "--res", "32")
+    assert out.returncode == 0, out.stderr
+    assert "conflicts   1" in out.stdout and "class2/3.jpg = class1/stray.jpg" in out.stdout.replace(
+        "class1/stray.jpg = class2/3.jpg", "class2/3.jpg = class1/stray.jpg")
+    ds = load(str(messy_folder), 32)
+    assert ds.manifest["conflicts"] == [{"classes": ["class1", "class2"], "paths": ["class1/stray.jpg", "class2/3.jpg"]}]
+    assert torch.bincount(ds.labels).tolist() == [11, 12, 7, 1], "the class2 original is dropped as well"
+    assert ds.manifest["duplicates"] == 1
+
+
+def test_the_fingerprint_follows_content_not_file_times(messy_folder: Path):
+    first = load(str(messy_folder), 32).manifest["fingerprint"]
+    path = messy_folder / "class2" / "3.jpg"
+    path.write_bytes(path.read_bytes())  # new mtime, same bytes: the cache is rebuilt, the identity is not
+    assert load(str(messy_folder), 32).manifest["fingerprint"] == first
+    path.write_bytes((messy_folder / "class2" / "4.jpg").read_bytes()[:-2] + b"\xff\xd9")
+    assert load(str(messy_folder), 32).manifest["fingerprint"] != first

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import sqlite3
 import time
@@ -14,10 +15,12 @@ import yaml
 from optuna.trial import TrialState
 
 from pokestudy import UserError
+from pokestudy.cli import main
 from pokestudy.study import runner, spec
+from pokestudy.study.record import StudyRecord, TrialRecord
 from tests.conftest import pokestudy
 
-SMOKE = yaml.safe_load((spec.STUDIES_DIR / "smoke.yaml").read_text())
+SMOKE = yaml.safe_load(spec.available()["smoke"])
 
 
 def write_spec(tmp_path: Path, **changes) -> Path:
@@ -28,11 +31,11 @@ def write_spec(tmp_path: Path, **changes) -> Path:
 
 
 def test_every_shipped_spec_loads_and_says_what_it_answers():
-    names = {p.stem for p in spec.available()}
-    assert {"overfit", "smoke", "paper"} <= names
-    for path in spec.available():
-        study = spec.load(str(path))
-        assert study.question and study.trials()
+    shipped = spec.available()
+    assert {"overfit", "smoke", "paper", "tune", "leakage"} <= set(shipped)
+    for name in shipped:
+        study = spec.load(name)
+        assert study.name == name and study.question and study.trials()
     overfit = spec.load("overfit")
     assert set(overfit.factors) >= {"arch", "augment", "regularization"} and len(overfit.seeds) >= 3
     assert set(overfit.factors["augment"]) == {"none", "paper", "paper-offline"}
@@ -70,20 +73,20 @@ def test_smoke_study_stores_every_trial_and_epoch_then_a_rerun_runs_nothing(smok
     trials = stored.get_trials()
     assert len(trials) == len(study.trials()) == 16
     assert all(t.state == TrialState.COMPLETE for t in trials)
-    epochs = study.fixed["epochs"]
     for t in trials:
-        a = t.user_attrs
-        assert set(t.intermediate_values) == set(range(1, epochs + 1))
-        for key in ("train_acc", "val_acc", "test_acc", "gap", "best_val_acc", "best_test_acc", "epochs",
-                    "seconds", "images_per_s", "seed", "condition", "history"):
-            assert key in a, key
-        assert a["gap"] == pytest.approx(a["train_acc"] - a["test_acc"])
-        assert len(a["history"]["val_acc"]) == epochs and t.value == max(a["history"]["val_acc"])
-        assert {"arch", "augment", "regularization", "lr"} <= set(t.params)
-    assert {"spec", "spec_hash", "data_manifest", "versions"} <= set(stored.user_attrs)
+        r = TrialRecord.from_trial(t)
+        assert set(t.intermediate_values) == set(range(1, r.epochs + 1)) and r.epochs <= study.fixed["epochs"]
+        assert r.final["gap"] == pytest.approx(r.final["train_acc"] - r.final["test_acc"])
+        assert len(r.history["val_acc"]) == r.epochs and t.value == r.final["val_acc"]
+        assert r.history["val_acc"][-1] == pytest.approx(r.final["val_acc"], abs=1e-3)
+        assert set(t.params) == {"arch", "augment", "regularization"}, "params are the factors only"
+        assert r.settings["lr"] == study.fixed["lr"] and r.condition == {k: t.params[k] for k in t.params}
+    info = StudyRecord.from_study(stored)
+    assert info.spec["fixed"] == study.fixed and info.identity["data"]["fingerprint"] == info.data["fingerprint"]
+    assert info.provenance["finished"] and stored.metric_names == ["val_acc (last epoch)"]
     assert len({t.user_attrs["key"] for t in trials}) == 16
 
-    runner.run(study, storage=url, results=results, study_name="smoke")  # finished: nothing runs again
+    runner.run_study(study, storage=url, results=results, study_name="smoke")  # finished: nothing runs again
     assert len(optuna.load_study(study_name="smoke", storage=url).get_trials()) == 16
 
 
@@ -92,10 +95,10 @@ def test_a_diverging_trial_is_recorded_failed_and_the_study_finishes(tmp_path: P
                       factors={"arch": ["cnn"], "lr": [0.01, 1e30]},
                       fixed={"width": 4, "epochs": 2, "batch_size": 16, "optimizer": "sgd"})
     url = f"sqlite:///{tmp_path / 'db.sqlite'}"
-    runner.run(spec.load(str(path)), storage=url, results=tmp_path, study_name="diverge")
+    runner.run_study(spec.load(str(path)), storage=url, results=tmp_path, study_name="diverge")
     trials = {t.params["lr"]: t for t in optuna.load_study(study_name="diverge", storage=url).get_trials()}
-    assert trials[0.01].state == TrialState.COMPLETE
-    assert trials[1e30].state == TrialState.FAIL and "loss became" in trials[1e30].user_attrs["error"]
+    assert trials["0.01"].state == TrialState.COMPLETE
+    assert trials["1e+30"].state == TrialState.FAIL and "loss became" in trials["1e+30"].user_attrs["error"]
 
 
 def _complete(db: Path) -> int:
@@ -138,7 +141,7 @@ def test_nuisance_tuning_then_seeds_rerun_each_conditions_best_setting(tmp_path:
                       nuisance={"params": {"lr": {"low": 0.001, "high": 0.1, "log": True}}, "trials": 3, "asha_grace": 1},
                       fixed={"width": 4, "epochs": 3, "batch_size": 16})
     url = f"sqlite:///{tmp_path / 'db.sqlite'}"
-    runner.run(spec.load(str(path)), storage=url, results=tmp_path, study_name="tiny-tune")
+    runner.run_study(spec.load(str(path)), storage=url, results=tmp_path, study_name="tiny-tune")
     for augment in ("none", "paper"):
         tuning = optuna.load_study(study_name=f"tiny-tune.tune.arch=cnn,augment={augment}", storage=url)
         assert len(tuning.trials) == 3
@@ -148,3 +151,72 @@ def test_nuisance_tuning_then_seeds_rerun_each_conditions_best_setting(tmp_path:
         final = [t for t in optuna.load_study(study_name="tiny-tune", storage=url).trials
                  if t.params["augment"] == augment]
         assert len(final) == 2 and all(t.params["lr"] == best_lr for t in final)
+
+
+def _stored(db: Path) -> list:
+    """Everything a study keeps, to show that a refused run wrote nothing."""
+    with sqlite3.connect(db) as con:
+        return [con.execute(f"select * from {t}").fetchall() for t in
+                ("studies", "study_user_attributes", "trials", "trial_user_attributes", "trial_values")]
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"data": "synthetic:classes=4,per_class=12"}, "data: synthetic:classes=6,per_class=16,size=32 → "
+                                                   "synthetic:classes=4,per_class=12"),
+    ({"fixed": {**SMOKE["fixed"], "epochs": 13}}, "fixed.epochs: 12 → 13"),
+    ({"factors": {**SMOKE["factors"], "regularization": {"none": {}, "strong": {"weight_decay": 0.1}}}},
+     "factors.regularization.strong.weight_decay: 0.05 → 0.1"),
+])
+def test_a_different_experiment_under_a_stored_name_is_refused_before_anything_is_written(
+        smoke_run, tmp_path: Path, capsys, change: dict, message: str):
+    _, results = smoke_run
+    shutil.copy(results / "pokestudy.db", tmp_path / "pokestudy.db")
+    before = _stored(tmp_path / "pokestudy.db")
+    args = ["run", "--results", str(tmp_path)]
+    if "data" in change:
+        args += ["--study", "smoke", "--data", change["data"]]
+    else:
+        args += ["--study", str(write_spec(tmp_path, **change))]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and message in err and "--study-name" in err and "--restart" in err
+    assert _stored(tmp_path / "pokestudy.db") == before
+
+
+def test_the_identical_rerun_runs_nothing_and_seeds_may_grow(smoke_run, tmp_path: Path, capsys):
+    _, results = smoke_run
+    shutil.copy(results / "pokestudy.db", tmp_path / "pokestudy.db")
+    before = _stored(tmp_path / "pokestudy.db")[2]
+    assert main(["run", "--study", "smoke", "--results", str(tmp_path)]) == 0
+    assert "already finished" in capsys.readouterr().err
+    assert _stored(tmp_path / "pokestudy.db")[2] == before
+    fewer = write_spec(tmp_path, seeds=[0])  # the same experiment with fewer seeds: nothing to run, not refused
+    assert main(["run", "--study", str(fewer), "--results", str(tmp_path)]) == 0
+
+
+def test_changed_files_in_a_data_folder_are_refused_then_restart_keeps_the_old_study(
+        messy_folder: Path, tmp_path: Path, ray_local, capsys):
+    path = write_spec(tmp_path, name="folder", seeds=[0], factors={"arch": ["cnn"]},
+                      data={"source": str(messy_folder), "res": 32}, fixed={"width": 4, "epochs": 2, "batch_size": 8})
+    run = ["run", "--study", str(path), "--results", str(tmp_path / "r")]
+    assert main(run) == 0
+    (messy_folder / "class1" / "0.jpg").write_bytes((messy_folder / "class2" / "1.jpg").read_bytes())
+    capsys.readouterr()
+    assert main(run) == 2
+    assert "data files changed (fingerprint" in capsys.readouterr().err
+    assert main([*run, "--restart"]) == 0
+    err = capsys.readouterr().err
+    url = f"sqlite:///{tmp_path / 'r' / 'pokestudy.db'}"
+    names = {s.study_name for s in optuna.get_all_study_summaries(url)}
+    archived = [n for n in names if n.startswith("folder.archived-")]
+    assert "folder" in names and len(archived) == 1 and archived[0] in err
+    old, new = (StudyRecord.from_study(optuna.load_study(study_name=n, storage=url)) for n in (archived[0], "folder"))
+    assert old.identity["digest"] != new.identity["digest"]
+    assert len(optuna.load_study(study_name=archived[0], storage=url).trials) == 1
+
+
+def test_a_duplicate_key_in_a_spec_is_refused_naming_the_key_and_line(tmp_path: Path):
+    path = tmp_path / "dup.yaml"
+    path.write_text("name: dup\nfactors: {arch: [cnn]}\nseeds: [0]\nfixed:\n  epochs: 6\n  epochs: 30\n")
+    with pytest.raises(UserError, match="dup.yaml at line 6: duplicate key 'epochs'"):
+        spec.load(str(path))

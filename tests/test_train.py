@@ -45,15 +45,26 @@ def test_a_diverging_loss_stops_the_trial_with_a_clear_error(data):
         run_trial(TrialConfig(arch="cnn", width=4, res=32, epochs=3, batch_size=16, lr=1e30, optimizer="sgd"), data)
 
 
-def test_early_stopping_ends_a_trial_after_patience_epochs_without_a_better_val_acc(data):
-    summary = run_trial(TrialConfig(arch="cnn", width=4, res=32, epochs=40, batch_size=16, patience=2), data)
-    final, best = summary["final"]["epoch"], summary["best"]["epoch"]
-    assert final < 40 and final - best == 2
-    assert max(r["val_acc"] for r in summary["history"]) == summary["best"]["val_acc"]
+def test_the_plateau_rule_cuts_the_learning_rate_at_each_stall_then_stops_converged(data):
+    cfg = TrialConfig(arch="cnn", width=4, res=32, epochs=60, batch_size=16, lr=0.01, patience=2, lr_cuts=2)
+    summary = run_trial(cfg, data)
+    history = summary["history"]
+    assert summary["converged"] and len(history) < 60
+    lrs = [r["lr"] for r in history]
+    assert sorted(set(lrs), reverse=True) == pytest.approx([0.01, 0.001, 0.0001]) and lrs == sorted(lrs, reverse=True)
+    assert history[-1]["lr"] == pytest.approx(0.0001), "stopped at the lowest learning rate, never mid-schedule"
+    for k in ("val_acc", "train_acc"):  # the last `patience` epochs made no progress on either
+        before = max(r[k] for r in history[:-2])
+        assert all(r[k] <= before + cfg.min_delta for r in history[-2:])
+
+
+def test_a_trial_that_reaches_the_epoch_cap_is_not_converged(data):
+    summary = run_trial(TrialConfig(arch="cnn", width=4, res=32, epochs=2, batch_size=16, patience=3), data)
+    assert not summary["converged"] and summary["final"]["epoch"] == 2
 
 
 def test_bad_config_values_are_user_errors():
-    for bad in ({"arch": "vgg"}, {"augment": "mixup"}, {"lr": 0.0}, {"res": 16}, {"dropout": 1.0}):
+    for bad in ({"arch": "vgg"}, {"augment": "mixup"}, {"lr": 0.0}, {"res": 16}, {"dropout": 1.0}, {"patience": 0}):
         with pytest.raises(UserError):
             TrialConfig(**bad)
 

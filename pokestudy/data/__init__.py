@@ -21,7 +21,7 @@ from pokestudy import UserError, __version__
 from pokestudy.data import sources
 from pokestudy.data.split import SPLITS, split
 
-CACHE_FORMAT = 1  # bump when decoding changes, so old caches are rebuilt
+CACHE_FORMAT = 2  # bump when decoding changes, so old caches are rebuilt
 MIN_RES, MAX_RES = 16, 1024
 
 
@@ -69,23 +69,40 @@ def load(spec: str, res: int) -> Dataset:
 
 
 def _build(raw: sources.Raw, key: dict) -> dict:
-    """Drop exact duplicates (first copy wins), number the groups, and write the manifest."""
-    seen: dict[str, int] = {}
+    """Drop exact duplicates (first copy wins) and label conflicts (the same bytes under two classes:
+    no copy is used), number the groups, fingerprint the content and write the manifest."""
+    labels_of: dict[str, set[int]] = {}
+    for h, label in zip(raw.hashes, raw.labels):
+        labels_of.setdefault(h, set()).add(label)
+    conflicted = {h for h, ls in labels_of.items() if len(ls) > 1}
+    conflicts = [{"classes": sorted(raw.classes[label] for label in labels_of[h]),
+                  "paths": [p for p, h2 in zip(raw.paths, raw.hashes) if h2 == h]} for h in sorted(conflicted)]
+    seen: set[str] = set()
     keep = []
     for i, h in enumerate(raw.hashes):
-        if h not in seen:
-            seen[h] = i
+        if h not in seen and h not in conflicted:
+            seen.add(h)
             keep.append(i)
     group_ids = {g: n for n, g in enumerate(dict.fromkeys(raw.groups[i] for i in keep))}
     labels = torch.tensor([raw.labels[i] for i in keep], dtype=torch.long)
     counts = torch.bincount(labels, minlength=len(raw.classes)).tolist()
+    if 0 in counts:
+        empty = [raw.classes[c] for c, n in enumerate(counts) if n == 0]
+        raise UserError(f"class(es) {', '.join(empty[:5])} have no usable image (every copy is a label conflict); "
+                        "fix the folders (`pokestudy data info` lists conflicts)")
+    extras = {name: (_stack(imgs), torch.tensor(lbls, dtype=torch.long)) for name, (imgs, lbls) in raw.extras.items()}
+    content = hashlib.sha256(json.dumps([raw.classes, [(raw.hashes[i], raw.labels[i]) for i in keep]]).encode())
+    for name, (x, y) in extras.items():
+        content.update(name.encode() + x.numpy().tobytes() + y.numpy().tobytes())
     manifest = {
         **key,
         "pokestudy": __version__,
         "classes": len(raw.classes),
         "images": len(keep),
         "per_class": {"min": min(counts), "median": statistics.median(counts), "max": max(counts)},
-        "duplicates": len(raw.hashes) - len(keep),
+        "duplicates": len(raw.hashes) - len(keep) - sum(len(c["paths"]) for c in conflicts),
+        "conflicts": conflicts,
+        "fingerprint": content.hexdigest()[:16],
         "skipped": raw.skipped,
         "extras": {name: len(labels_) for name, (_, labels_) in raw.extras.items()},
     }
@@ -95,8 +112,7 @@ def _build(raw: sources.Raw, key: dict) -> dict:
         "groups": torch.tensor([group_ids[raw.groups[i]] for i in keep], dtype=torch.long),
         "hashes": [raw.hashes[i] for i in keep],
         "classes": raw.classes,
-        "extras": {name: (_stack(imgs), torch.tensor(lbls, dtype=torch.long))
-                   for name, (imgs, lbls) in raw.extras.items()},
+        "extras": extras,
         "manifest": manifest,
     }
 

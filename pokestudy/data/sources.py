@@ -31,13 +31,15 @@ class Raw:
     labels: list[int] = field(default_factory=list)
     groups: list[str] = field(default_factory=list)
     hashes: list[str] = field(default_factory=list)
+    paths: list[str] = field(default_factory=list)  # where each image came from, for messages
     skipped: list[dict] = field(default_factory=list)
     extras: dict[str, tuple[list[np.ndarray], list[int]]] = field(default_factory=dict)
 
-    def add(self, image: np.ndarray, label: int, group: str, digest: str | None = None) -> None:
+    def add(self, image: np.ndarray, label: int, group: str, digest: str | None = None, path: str = "") -> None:
         self.images.append(image)
         self.labels.append(label)
         self.groups.append(group)
+        self.paths.append(path or group)
         self.hashes.append(digest or hashlib.sha256(image.tobytes()).hexdigest())
 
 
@@ -84,7 +86,7 @@ class Folder:
                 raw.skipped.append({"path": rel, "reason": str(e)})
                 continue
             digest = hashlib.sha256(data).hexdigest()
-            raw.add(image, label, group=rel, digest=digest)
+            raw.add(image, label, group=rel, digest=digest, path=rel)
         empty = [raw.classes[c] for c in range(len(raw.classes)) if c not in set(raw.labels)]
         if empty:
             raise UserError(f"class folder(s) {', '.join(empty[:5])} hold no decodable image; "

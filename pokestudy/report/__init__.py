@@ -1,112 +1,126 @@
 """Report: every output of a study rebuilt from its Optuna storage alone, written to results/<study>/.
 
-Tables (CSV, Markdown, LaTeX, JSON), figures (PNG), a generated summary.md, and, for
+Verdicts, tables (CSV, Markdown, LaTeX, JSON), figures (PNG), a generated summary.md, and, for
 optuna-dashboard, the summary as the study's note and the figures as artifacts.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
+import math
 import sys
 from pathlib import Path
 
 import optuna
 import pandas as pd
-from optuna.artifacts import FileSystemArtifactStore, upload_artifact
+from optuna.artifacts import get_all_artifact_meta, upload_artifact
 from optuna.artifacts.exceptions import ArtifactNotFound
 
 from pokestudy import UserError
-from pokestudy.report import figures, summary, tables
-
-ARTIFACT_PREFIX = "artifacts:"  # where Optuna keeps a study's artifact metadata (system attributes)
-
-
-def artifact_store(results: Path) -> FileSystemArtifactStore:
-    """Where figures are uploaded for optuna-dashboard: one folder beside the default database."""
-    path = results / ".artifacts"
-    path.mkdir(parents=True, exist_ok=True)
-    return FileSystemArtifactStore(str(path))
+from pokestudy.report import figures, summary, tables, verdicts
+from pokestudy.study.spec import Range, ReportSpec, condition_id
+from pokestudy.study.store import artifact_store, find_study, open_study, read_artifact
 
 
-def build(study: optuna.Study, results: Path, formats: tuple[str, ...]) -> Path:
-    """Write every table and figure of `study` (finished trials only) and publish them to the dashboard."""
-    out = results / study.study_name
+def build(url: str, name: str, results: Path, formats: tuple[str, ...], generator: str) -> Path:
+    """Write every table and figure of study `name` (finished trials of its identity only) and
+    publish them to the dashboard. `generator` is the command that asked, named in the summary."""
+    study = open_study(url, name)
+    out = results / name
     out.mkdir(parents=True, exist_ok=True)
     df = tables.trials_frame(study)
+    info = df.attrs["study"]
+    report = ReportSpec.model_validate(info.spec.get("report", {}))
     table = tables.gap_table(df)
-    effects = tables.effects(df)
-    interaction = (tables.interaction(df) if {"arch", "augment"} <= set(df.attrs["factors"])
-                   and df["arch"].nunique() > 1 and df["augment"].nunique() > 1 else pd.DataFrame())
-    written = [*tables.export(df.drop(columns=["history", "test_predictions"], errors="ignore"), out, "trials", ("csv",)),
-               *tables.export(table, out, "gap", formats),
-               *tables.export(effects, out, "effects", formats)]
-    if not interaction.empty:
-        written += tables.export(interaction, out, "interaction", formats)
-    pngs = [figures.curves(df, out), figures.gaps(table, out), *_data_figures(study, df, out)]
-    text = summary.write(study, df, table, effects, interaction)
+    claims = verdicts.verdicts(df, report)
+    tuning = tuning_table(url, name, df, info.spec)
+    written = [*tables.export(df.drop(columns=["history", "settings"]), out, "trials", ("csv",)),
+               *tables.export(table, out, "gap", formats), *tables.export(claims, out, "verdicts", formats)]
+    if not tuning.empty:
+        written += tables.export(tuning, out, "tuning", formats)
+    pngs = [figures.curves(df, out), figures.gaps(table, report.reference, out), figures.tradeoff(table, out),
+            figures.effects_over_epochs(df, out), *_data_figures(url, study, info.data, df, results)]
+    text = summary.write(name, generator, df, table, claims, tuning, [p.name for p in pngs])
     (out / "summary.md").write_text(text)
     _publish(study, results, text, pngs)
-    print(tables.readable(table).to_string(index=False))
+    print(tables.readable(claims)[["claim", "verdict", "gap", "test_acc"]].to_string(index=False))
     print(f"\nwritten to {out}/: {', '.join(p.name for p in [*written, *pngs])}, summary.md", file=sys.stderr)
     return out
 
 
-def _data_figures(study: optuna.Study, df: pd.DataFrame, out: Path) -> list[Path]:
-    """Figures that need the test images: the prediction grid and the confusions (cache-backed)."""
+def tuning_table(url: str, name: str, df: pd.DataFrame, spec: dict) -> pd.DataFrame:
+    """Per tuned condition: the chosen nuisance values, whether one sits at its range's edge, and the
+    tuning optimism (best tuning validation accuracy − mean validation accuracy of the seeded reruns)."""
+    if not spec.get("nuisance"):
+        return pd.DataFrame()
+    ranges = {k: Range.model_validate(v) for k, v in spec["nuisance"]["params"].items()}
+    rows = []
+    for cid, group in df.groupby("condition", sort=False):
+        tuning = find_study(url, f"{name}.tune.{cid}")
+        if tuning is None or not tuning.best_trials:
+            continue
+        best = tuning.best_trial
+        edges = [k for k, r in ranges.items() if _near_edge(best.params[k], r)]
+        rows.append({**{f: group[f].iloc[0] for f in df.attrs["factors"]}, **best.params,
+                     "tuning_trials": len(tuning.trials), "best_tuning_val_acc": best.value,
+                     "optimism_points": round(100 * (best.value - group["val_acc"].mean()), 1),
+                     "range_check": f"extend the range: {', '.join(edges)} at its edge" if edges else "inside"})
+    return pd.DataFrame(rows)
+
+
+def _near_edge(value: float, r: Range, within: float = 0.1) -> bool:
+    transform = math.log if r.log else float
+    lo, hi, v = transform(r.low), transform(r.high), transform(value)
+    return min(v - lo, hi - v) <= within * (hi - lo)
+
+
+def _data_figures(url: str, study: optuna.Study, manifest: dict, df: pd.DataFrame, results: Path) -> list[Path]:
+    """Figures that need the test images and each trial's test predictions: the prediction grid and
+    the confusions. They need the data (cache-backed) and the artifact store of the results folder."""
     from pokestudy.data import prepare
 
-    m = study.user_attrs.get("data_manifest", {})
     try:
-        data = prepare(m["data"], m["res"], m["split_seed"], tuple(m["fractions"]))
-    except (KeyError, UserError) as e:
-        print(f"pokestudy: prediction figures skipped: the study's data is not available ({e})", file=sys.stderr)
+        data = prepare(manifest["data"], manifest["res"], manifest["split_seed"], tuple(manifest["fractions"]))
+        store, trials = artifact_store(results), study.get_trials(deepcopy=False)
+        predictions = pd.Series({n: json.loads(read_artifact(store, url, trials[n], "test_predictions.json"))
+                                 for n in df["trial"]})
+    except (UserError, KeyError, ArtifactNotFound) as e:
+        print(f"pokestudy: prediction figures skipped: the study's data or its trials' predictions are not here "
+              f"({type(e).__name__}: {e})", file=sys.stderr)
         return []
     images, labels = data.sets["test"]
-    valid = df[df["test_predictions"].map(len) == len(labels)]
-    if valid.empty:
-        return []
-    best = valid.loc[valid.groupby("arch")["val_acc"].idxmax()] if "arch" in valid else valid.nlargest(1, "val_acc")
-    runs = {f"best {r.get('arch', '')} (val)\n{r['condition']}": r["test_predictions"]
-            for _, r in best.iterrows()}
+    first = df.attrs["factors"][0]  # one model per level of the first factor, the best on validation
+    best = df.loc[df.groupby(first)["val_acc"].idxmax()]
+    runs = {f"best {first}={r[first]} (val)\n{r['condition']}": predictions[r["trial"]] for _, r in best.iterrows()}
     truth = labels.tolist()
     pairs: dict[tuple[str, str], int] = {}
-    for pred in valid["test_predictions"]:
+    for pred in predictions:
         for t, p in zip(truth, pred):
             if t != p:
                 key = (data.classes[t], data.classes[p])
                 pairs[key] = pairs.get(key, 0) + 1
     confused = pd.DataFrame([(t, p, n) for (t, p), n in pairs.items()], columns=["true", "predicted", "count"])
     confused = confused.sort_values(["count", "true", "predicted"], ascending=[False, True, True])  # ties by name
-    tables.export(confused, out, "confusions", ("csv",))
+    tables.export(confused, out := results / study.study_name, "confusions", ("csv",))
     return [figures.predictions(images, labels, data.classes, runs, out), figures.confusions(confused, out)]
 
 
-def figure_artifacts(storage: optuna.storages.BaseStorage, study_id: int) -> dict[str, str]:
-    """{artifact id: file name} of a study's live artifacts. Read from the system attributes directly:
-    optuna-dashboard marks a deleted artifact with a null there, which `get_all_artifact_meta` cannot read."""
-    out = {}
-    for key, value in storage.get_study_system_attrs(study_id).items():
-        meta = json.loads(value) if key.startswith(ARTIFACT_PREFIX) and isinstance(value, str) else None
-        if meta:
-            out[meta["artifact_id"]] = meta["filename"]
-    return out
-
-
 def _publish(study: optuna.Study, results: Path, note: str, pngs: list[Path]) -> None:
-    """The summary as the study's note and the figures as artifacts, replacing earlier copies."""
+    """The summary as the study's note and the figures as artifacts. A figure already published keeps
+    its artifact id and gets new bytes, so re-reporting leaves no deleted-artifact markers behind."""
     from optuna_dashboard import save_note
 
     save_note(study, note)
     store = artifact_store(results)
-    names = {p.name for p in pngs}
-    storage = study._storage  # noqa: SLF001 — Optuna has no public handle for the study's own storage
-    study_id = storage.get_study_id_from_name(study.study_name)
-    for artifact_id, filename in figure_artifacts(storage, study_id).items():
-        if filename in names:
-            # The same two steps optuna-dashboard takes when a user deletes an artifact.
-            with contextlib.suppress(ArtifactNotFound):  # uploaded to another results folder's store
-                store.remove(artifact_id)
-            storage.set_study_system_attr(study_id, f"{ARTIFACT_PREFIX}{artifact_id}", json.dumps(None))
+    try:
+        published = {meta.filename: meta.artifact_id for meta in get_all_artifact_meta(study)}
+    except TypeError:  # a figure deleted in optuna-dashboard leaves a marker Optuna's own API cannot read
+        print("pokestudy: figures not republished: an artifact of this study was deleted in optuna-dashboard, "
+              "which Optuna cannot read back; the files in the results folder are current", file=sys.stderr)
+        return
     for path in pngs:
-        upload_artifact(artifact_store=store, file_path=str(path), study_or_trial=study, mimetype="image/png")
+        if path.name in published:
+            with path.open("rb") as f:
+                store.write(published[path.name], f)
+        else:
+            upload_artifact(artifact_store=store, file_path=str(path), study_or_trial=study, mimetype="image/png")

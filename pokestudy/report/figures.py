@@ -1,4 +1,5 @@
-"""Figures (PNG, matplotlib Agg): curves, gaps with CIs, the report's prediction grids, confusions.
+"""Figures (PNG, matplotlib Agg): curves, gaps with CIs, the trade-off, effects per epoch, the
+report's prediction grids, confusions.
 
 Each function takes tables already computed from the storage and returns the written path.
 """
@@ -15,6 +16,10 @@ import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import torch  # noqa: E402
+from scipy import stats  # noqa: E402
+
+from pokestudy.report.tables import extra_metrics  # noqa: E402
+from pokestudy.study.spec import Reference  # noqa: E402
 
 
 def _save(fig: plt.Figure, path: Path) -> Path:
@@ -25,20 +30,18 @@ def _save(fig: plt.Figure, path: Path) -> Path:
 
 
 def curves(df: pd.DataFrame, out: Path) -> Path:
-    """Train vs test accuracy per epoch for every condition: mean over seeds, band = min..max."""
+    """Train vs test (and extra sets) accuracy per epoch for every condition: mean over seeds, band =
+    min..max. A trial that stopped early keeps its last value, so every seed counts at every epoch."""
     conditions = list(dict.fromkeys(df["condition"]))
     cols = min(4, len(conditions))
     rows = -(-len(conditions) // cols)
     fig, axes = plt.subplots(rows, cols, figsize=(3.4 * cols, 2.7 * rows), sharex=True, sharey=True, squeeze=False)
-    extra = [k for k in df["history"].iloc[0] if k not in ("train_acc", "val_acc", "test_acc")
-             and not k.endswith("_augmented")]
+    extra = [m for m in extra_metrics(df) if m.endswith("_acc")]
     for ax, condition in zip(axes.flat, conditions):
         group = df[df["condition"] == condition]
         for metric, colour in [("train_acc", "C0"), ("test_acc", "C3"), *[(m, "C2") for m in extra]]:
-            runs = [h[metric] for h in group["history"]]
-            n = min(len(r) for r in runs)
-            values = np.array([r[:n] for r in runs]) * 100
-            epochs = np.arange(1, n + 1)
+            values = _padded(group, metric) * 100
+            epochs = np.arange(1, values.shape[1] + 1)
             ax.plot(epochs, values.mean(0), colour, label=metric.replace("_acc", ""))
             ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
             ax.fill_between(epochs, values.min(0), values.max(0), color=colour, alpha=0.2)
@@ -51,29 +54,101 @@ def curves(df: pd.DataFrame, out: Path) -> Path:
         ax.set_xlabel("epoch")
     for ax in axes[:, 0]:
         ax.set_ylabel("accuracy (%)")
-    fig.suptitle(f"train vs test accuracy (mean over {df.groupby('condition').size().min()}+ seeds, band: min–max)")
+    fig.suptitle(f"accuracy per epoch (mean over {df.groupby('condition').size().min()}+ seeds, band: min–max)")
     return _save(fig, out / "curves.png")
 
 
-def gaps(table: pd.DataFrame, out: Path) -> Path:
-    """The gap per condition with its 95% CI, beside the report's single-run 98 − 50 = 48 points."""
-    labels = [", ".join(str(r[f]) for f in table.attrs["factors"]) for _, r in table.iterrows()]
+def _padded(group: pd.DataFrame, metric: str) -> np.ndarray:
+    """Seeds x epochs of one metric; a run that stopped early is carried at its last value."""
+    runs = [h[metric] for h in group["history"]]
+    n = max(len(r) for r in runs)
+    return np.array([r + [r[-1]] * (n - len(r)) for r in runs])
+
+
+def gaps(table: pd.DataFrame, reference: Reference | None, out: Path) -> Path:
+    """The gap per condition (train − test, train − each extra set) with its 95% CI, beside a
+    published reference result when the spec names one."""
+    factors = table.attrs["factors"]
+    labels = [", ".join(str(r[f]) for f in factors) for _, r in table.iterrows()]
+    metrics = ["gap", *[c[: -len("_mean")] for c in table.columns if c.endswith("_gap_mean")]]
     y = np.arange(len(table))
     fig, ax = plt.subplots(figsize=(7, 0.45 * len(table) + 1.5))
-    for metric, colour, offset in [("gap", "C3", -0.15), ("artwork_gap", "C2", 0.15)]:
-        if f"{metric}_mean" not in table:
-            continue
+    for i, metric in enumerate(metrics):
         mean = table[f"{metric}_mean"] * 100
         err = np.nan_to_num(np.abs(np.stack([mean - table[f"{metric}_lo"] * 100, table[f"{metric}_hi"] * 100 - mean])))
-        ax.errorbar(mean, y + offset, xerr=err, fmt="o", color=colour, capsize=3,
-                    label="train − test" if metric == "gap" else "train − artwork")
-    ax.axvline(48, color="grey", ls="--", lw=1, label="report: 98 − 50")
+        ax.errorbar(mean, y + 0.3 * (i - (len(metrics) - 1) / 2), xerr=err, fmt="o", color=f"C{3 - i}", capsize=3,
+                    label="train − test" if metric == "gap" else f"train − {metric.removesuffix('_gap')}")
+    if reference:
+        ax.axvline(100 * (reference.train_acc - reference.test_acc), color="grey", ls="--", lw=1,
+                   label=f"{reference.label}: {100 * reference.train_acc:.0f} − {100 * reference.test_acc:.0f}")
     ax.axvline(0, color="black", lw=0.5)
     ax.set_yticks(y, labels, fontsize=8)
     ax.invert_yaxis()
     ax.set_xlabel("gap (accuracy points), 95% CI over seeds")
     ax.legend(fontsize=8, loc="lower right")
     return _save(fig, out / "gap.png")
+
+
+def tradeoff(table: pd.DataFrame, out: Path) -> Path:
+    """Test accuracy against the gap per condition, 95% CIs on both axes: a narrower gap is only
+    better when test accuracy does not fall with it."""
+    factors = table.attrs["factors"]
+    fig, ax = plt.subplots(figsize=(7, 5))
+    for i, (_, r) in enumerate(table.iterrows()):
+        x, y = 100 * r["gap_mean"], 100 * r["test_acc_mean"]
+        xerr = [[x - 100 * r["gap_lo"]], [100 * r["gap_hi"] - x]] if r["gap_lo"] == r["gap_lo"] else None
+        yerr = [[y - 100 * r["test_acc_lo"]], [100 * r["test_acc_hi"] - y]] if r["test_acc_lo"] == r["test_acc_lo"] else None
+        ax.errorbar(x, y, xerr=xerr, yerr=yerr, fmt="o", color=f"C{i % 10}", capsize=3,
+                    mfc="white" if r["converged"] != "yes" else None,
+                    label=", ".join(str(r[f]) for f in factors) + ("" if r["converged"] == "yes" else " (not converged)"))
+    ax.set_xlabel("gap: train − test (points)")
+    ax.set_ylabel("test accuracy (%)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, bbox_to_anchor=(1.02, 1), loc="upper left")
+    ax.set_title("test accuracy vs gap per condition (95% CIs); up and left is better", fontsize=9)
+    return _save(fig, out / "tradeoff.png")
+
+
+def effects_over_epochs(df: pd.DataFrame, out: Path) -> Path:
+    """The paired difference in gap between each factor's levels, epoch by epoch, with its 95% CI band:
+    an effect that shrinks to 0 by the end only delayed the gap; one that stays away from 0 moved it."""
+    factors = df.attrs["factors"]
+    pairs = [(f, level, list(dict.fromkeys(df[f]))[0]) for f in factors for level in list(dict.fromkeys(df[f]))[1:]]
+    cols = min(3, len(pairs))
+    rows = -(-len(pairs) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 2.8 * rows), squeeze=False, sharex=True)
+    for ax, (factor, level, reference) in zip(axes.flat, pairs):
+        others = [f for f in factors if f != factor]
+        sides = {}
+        for lv in (level, reference):
+            group = df[df[factor] == lv].sort_values([*others, "seed"])
+            sides[lv] = (group[[*others, "seed"]].astype(str).agg("|".join, axis=1).tolist(), _padded(group, "gap"))
+        keys = sorted(set(sides[level][0]) & set(sides[reference][0]))
+        n = max(sides[level][1].shape[1], sides[reference][1].shape[1])
+
+        def aligned(lv: str) -> np.ndarray:
+            names, values = sides[lv]
+            values = np.pad(values, ((0, 0), (0, n - values.shape[1])), mode="edge")
+            return values[[names.index(k) for k in keys]]
+
+        diff = (aligned(level) - aligned(reference)) * 100
+        mean = diff.mean(0)
+        epochs = np.arange(1, n + 1)
+        ax.plot(epochs, mean, "C0")
+        if len(keys) >= 3:
+            half = stats.t.ppf(0.975, len(keys) - 1) * diff.std(0, ddof=1) / np.sqrt(len(keys))
+            ax.fill_between(epochs, mean - half, mean + half, color="C0", alpha=0.25)
+        ax.axhline(0, color="black", lw=0.5)
+        ax.set_title(f"{factor}: {level} − {reference}", fontsize=9)
+        ax.grid(alpha=0.3)
+    for ax in axes.flat[len(pairs):]:
+        ax.axis("off")
+    for ax in axes[:, 0]:
+        ax.set_ylabel("Δ gap (points)")
+    for ax in axes[-1]:
+        ax.set_xlabel("epoch")
+    fig.suptitle("paired difference in train − test gap per epoch (95% CI band over matched pairs)", fontsize=10)
+    return _save(fig, out / "effects_over_epochs.png")
 
 
 def predictions(images: torch.Tensor, labels: torch.Tensor, classes: list[str],

@@ -12,6 +12,7 @@ import hashlib
 import itertools
 import json
 from dataclasses import dataclass, fields
+from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
@@ -22,7 +23,7 @@ from pokestudy import UserError
 from pokestudy.data import MAX_RES, MIN_RES
 from pokestudy.train import TrialConfig
 
-STUDIES_DIR = Path(__file__).resolve().parents[2] / "studies"
+STUDIES = resources.files("pokestudy") / "studies"  # shipped inside the package: works after `pip install .`
 SETTINGS = {f.name for f in fields(TrialConfig)} - {"seed", "device", "res"}
 Scalar = str | int | float | bool
 
@@ -72,6 +73,33 @@ class Nuisance(Strict):
     asha_grace: int | None = Field(None, ge=1)  # epochs before ASHA may stop a weak trial; None: no ASHA
 
 
+class Reference(Strict):
+    """A published result to draw beside ours, e.g. the student report's single run."""
+
+    label: str
+    train_acc: float = Field(ge=0, le=1)
+    test_acc: float = Field(ge=0, le=1)
+
+
+class Contrast(Strict):
+    """A comparison of two levels of one factor, beyond the main effects (each level vs the first)."""
+
+    factor: str
+    level: str
+    reference: str
+
+
+class ReportSpec(Strict):
+    """What the report analyses: the family of claims (every main effect, plus these contrasts and
+    interactions), the equivalence margin and an optional reference result. Changing it changes no
+    trial's result, so it is not part of the study's identity."""
+
+    delta: float = Field(2.0, gt=0)  # equivalence margin, in accuracy points
+    reference: Reference | None = None
+    contrasts: list[Contrast] = []
+    interactions: list[tuple[str, str]] = []
+
+
 class Study(Strict):
     """One study: what question it answers, and exactly which trials answer it."""
 
@@ -82,8 +110,8 @@ class Study(Strict):
     fixed: dict[str, Scalar] = {}
     nuisance: Nuisance | None = None
     seeds: list[int] = Field(min_length=1)
-    objective: Literal["val_acc"] = "val_acc"
     resources: Resources = Resources()
+    report: ReportSpec = ReportSpec()
 
     @field_validator("factors")
     @classmethod
@@ -110,6 +138,13 @@ class Study(Strict):
             raise ValueError(f"{', '.join(sorted(tuned & set(self.fixed)))} is both fixed and tuned; keep one")
         for cond in self.conditions():
             TrialConfig.from_dict(self.settings(cond))
+        levels = {f: [str(v) for v in ls] for f, ls in self.factors.items()}
+        for c in self.report.contrasts:
+            if c.factor not in levels or {c.level, c.reference} - set(levels[c.factor]):
+                raise ValueError(f"report contrast {c.factor}={c.level} vs {c.reference} names no factor level of this study")
+        for pair in self.report.interactions:
+            if set(pair) - set(levels) or pair[0] == pair[1]:
+                raise ValueError(f"report interaction {' x '.join(pair)} needs two different factors of this study")
         return self
 
     def conditions(self) -> list[dict[str, str]]:
@@ -136,7 +171,12 @@ class Study(Strict):
                 for c in self.conditions() for s in self.seeds]
 
     def digest(self) -> str:
-        return hashlib.sha256(json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()[:12]
+        return digest(self.model_dump(mode="json"))
+
+    def design(self) -> dict[str, Any]:
+        """The part of the spec that trial results depend on. Seeds may grow or shrink (each trial
+        carries its own), and the question, resources and analysis do not change a trial's result."""
+        return self.model_dump(mode="json", include={"factors", "fixed", "nuisance"})
 
 
 @dataclass(frozen=True)
@@ -153,29 +193,57 @@ def condition_id(condition: dict[str, str]) -> str:
     return ",".join(f"{k}={v}" for k, v in condition.items())
 
 
-def available() -> list[Path]:
-    return sorted(STUDIES_DIR.glob("*.yaml"))
+def digest(value: Any) -> str:
+    """A short stable hash of any JSON-able value."""
+    return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def available() -> dict[str, str]:
+    """{name: YAML text} of the specs shipped with the package."""
+    return {p.name.removesuffix(".yaml"): p.read_text() for p in sorted(STUDIES.iterdir(), key=lambda p: p.name)
+            if p.name.endswith(".yaml")}
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """safe_load, except that a key given twice in one mapping is an error (PyYAML keeps the last)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: set = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
 
 
 def load(name_or_path: str) -> Study:
-    """A spec by name (studies/NAME.yaml) or by path; every problem becomes one readable line."""
+    """A spec by name (a shipped study) or by path; every problem becomes one readable line."""
     path = Path(name_or_path)
-    if not path.suffix:
-        path = STUDIES_DIR / f"{name_or_path}.yaml"
+    shipped = available()
+    if not path.suffix and name_or_path in shipped:
+        return parse(shipped[name_or_path], f"{name_or_path}.yaml")
     if not path.is_file():
-        names = ", ".join(p.stem for p in available())
-        raise UserError(f"no study {name_or_path!r}; choose one of {names} or give a path to a .yaml spec")
+        raise UserError(f"no study {name_or_path!r}; choose one of {', '.join(shipped)} or give a path to a .yaml spec")
+    return parse(path.read_text(), path.name)
+
+
+def parse(text: str, source: str) -> Study:
+    """Validate a spec's YAML text; `source` names it in error messages."""
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 — a SafeLoader subclass
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""
-        raise UserError(f"{path.name}: YAML syntax error{where}: {getattr(e, 'problem', e)}") from None
+        problem = getattr(e, "problem", e)
+        kind = "" if str(problem).startswith("duplicate key") else "YAML syntax error: "
+        raise UserError(f"{source}{where}: {kind}{problem}"
+                        + ("; keep one of them" if not kind else "")) from None
     if not isinstance(raw, dict):
-        raise UserError(f"{path.name}: a study spec must be a YAML mapping")
+        raise UserError(f"{source}: a study spec must be a YAML mapping")
     try:
         return Study.model_validate(raw)
     except ValidationError as e:
         err = e.errors()[0]
         where = ".".join(str(p) for p in err["loc"]) or "spec"
-        raise UserError(f"{path.name}: {where}: {err['msg']}") from None
+        raise UserError(f"{source}: {where}: {err['msg']}") from None

@@ -1,26 +1,32 @@
 """The Optuna side: studies written only by the driver.
 
-Each trial becomes one Optuna trial: the factors and settings as params, validation accuracy
-per epoch as intermediate values, final and best-epoch metrics as user attributes. The trial
-key (condition + seed, or condition + tuning number) is what makes a rerun resume instead of
-repeat.
+Each trial becomes one Optuna trial: its factors' levels (and tuned nuisance values) as params,
+validation accuracy per epoch as intermediate values, its `TrialRecord` as user attributes and
+a trial note (per-epoch table) for optuna-dashboard. Fixed settings live in the study's
+attributes, not as params, so the dashboard's importance ranks only what varies.
 """
 
 from __future__ import annotations
 
 import functools
-import importlib.metadata
+import json
 import logging
+import tempfile
+import time
+import warnings
+from pathlib import Path
 
 import optuna
+from optuna.artifacts import FileSystemArtifactStore, get_all_artifact_meta, upload_artifact
 from optuna.distributions import BaseDistribution, CategoricalDistribution
 from optuna.trial import TrialState, create_trial
 
 from pokestudy import UserError
-from pokestudy.study.spec import Study, Work, condition_id
+from pokestudy.study.record import StudyRecord, TrialRecord
+from pokestudy.study.spec import Work
 
 optuna.logging.set_verbosity(logging.WARNING)
-PACKAGES = ("pokestudy", "torch", "torchvision", "ray", "optuna", "optuna-dashboard")
+OBJECTIVE = "val_acc (last epoch)"  # the study's value: validation accuracy of the model as trained
 
 
 @functools.cache
@@ -35,53 +41,87 @@ def storage(url: str) -> optuna.storages.BaseStorage:
         raise UserError(f"cannot open storage {url!r}: {first}; pass --storage sqlite:///PATH or postgresql://…") from None
 
 
-def open_study(url: str, name: str) -> optuna.Study:
+def artifact_store(results: Path) -> FileSystemArtifactStore:
+    """Figures and per-trial files for optuna-dashboard: one folder beside the default database."""
+    path = results / ".artifacts"
+    path.mkdir(parents=True, exist_ok=True)
+    return FileSystemArtifactStore(str(path))
+
+
+def read_artifact(store: FileSystemArtifactStore, url: str, trial: optuna.trial.FrozenTrial, filename: str) -> bytes:
+    """A file attached to a trial; KeyError when the trial has none of that name."""
+    ids = {m.filename: m.artifact_id for m in get_all_artifact_meta(trial, storage=storage(url))}
+    with store.open_reader(ids[filename]) as f:
+        return f.read()
+
+
+def find_study(url: str, name: str) -> optuna.Study | None:
+    """The stored study of that name, or None; creates nothing."""
     try:
         return optuna.load_study(study_name=name, storage=storage(url))
     except KeyError:
-        raise UserError(f"no study {name!r} in {url}; `pokestudy studies --storage {url}` lists them") from None
+        return None
 
 
-def finished_keys(url: str, name: str) -> set[str]:
-    """Keys of the COMPLETE trials of a study, read without creating anything."""
-    try:
-        study = optuna.load_study(study_name=name, storage=storage(url))
-    except KeyError:
+def open_study(url: str, name: str) -> optuna.Study:
+    study = find_study(url, name)
+    if study is None:
+        raise UserError(f"no study {name!r} in {url}; `pokestudy studies --storage {url}` lists them")
+    return study
+
+
+def finished_keys(url: str, name: str, identity: str) -> set[str]:
+    """Keys of the COMPLETE trials of a study that ran under `identity`."""
+    study = find_study(url, name)
+    if study is None:
         return set()
     return {t.user_attrs["key"] for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-            if "key" in t.user_attrs}
+            if t.user_attrs.get("identity") == identity}
 
 
-def study_attrs(spec: Study, manifest: dict) -> dict:
-    """What a study's results depend on: the spec as loaded, the data, the package versions."""
-    return {"spec": spec.model_dump(mode="json"), "spec_hash": spec.digest(), "data_manifest": manifest,
-            "versions": {p: _version(p) for p in PACKAGES}}
+def archive(url: str, name: str) -> str:
+    """Keep a study (and its tuning studies) under a new name, `NAME.archived-TIME`, and free NAME."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    names = [s.study_name for s in optuna.get_all_study_summaries(storage(url), include_best_trial=False)
+             if s.study_name == name or s.study_name.startswith(f"{name}.tune.")]
+    for old in names:
+        new = old.replace(name, f"{name}.archived-{stamp}", 1)
+        optuna.copy_study(from_study_name=old, from_storage=storage(url), to_storage=storage(url), to_study_name=new)
+        optuna.delete_study(study_name=old, storage=storage(url))
+    return f"{name}.archived-{stamp}"
 
 
-def grid_distributions(plan: list[Work]) -> dict[str, BaseDistribution]:
+def grid_distributions(plan: list[Work], tuned: tuple[str, ...] = ()) -> dict[str, BaseDistribution]:
     """Optuna needs one distribution per param across a study: every value the plan gives it."""
     values: dict[str, list] = {}
     for work in plan:
-        for k, v in params(work).items():
+        for k, v in params(work, tuned).items():
             values.setdefault(k, []).append(v)
     return {k: CategoricalDistribution(list(dict.fromkeys(v))) for k, v in values.items()}
 
 
-def params(work: Work) -> dict:
-    """Params of a trial: every factor's level name and every setting it runs with (seed apart)."""
-    return {**work.condition, **{k: v for k, v in work.settings.items() if k != "seed"}}
+def params(work: Work, tuned: tuple[str, ...] = ()) -> dict:
+    """Params of a trial: the level of each factor, and the nuisance values tuned for its condition."""
+    return {**work.condition, **{k: work.settings[k] for k in tuned}}
 
 
 class Store:
-    def __init__(self, url: str, study_name: str, attrs: dict,
+    """One Optuna study, written by the driver: trials opened, epochs reported, records told."""
+
+    def __init__(self, url: str, study_name: str, record: StudyRecord, artifacts: FileSystemArtifactStore,
                  sampler: optuna.samplers.BaseSampler | None = None):
-        self.storage = storage(url)
+        self.storage, self.artifacts = storage(url), artifacts
+        self.fixed = record.spec["fixed"]
         self.study = optuna.create_study(study_name=study_name, storage=self.storage, sampler=sampler,
                                          direction="maximize", load_if_exists=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            self.study.set_metric_names([OBJECTIVE])
         self.study_id = self.storage.get_study_id_from_name(study_name)
+        self.identity = record.identity["digest"]
         self.open: dict[str, optuna.Trial] = {}
         self.reported: dict[str, set[int]] = {}
-        for key, value in attrs.items():
+        for key, value in record.attrs().items():
             self.study.set_user_attr(key, value)
 
     def fail_stale(self) -> int:
@@ -91,17 +131,20 @@ class Store:
             self.study.tell(t.number, state=TrialState.FAIL)
         return len(stale)
 
-    def start(self, work: Work, distributions: dict[str, BaseDistribution]) -> None:
+    def start(self, work: Work, distributions: dict[str, BaseDistribution], tuned: tuple[str, ...] = ()) -> None:
         """Create the RUNNING trial with its params and key in one write, so no half-made trial exists."""
-        p = params(work)
+        p = params(work, tuned)
         template = create_trial(state=TrialState.RUNNING, params=p, distributions={k: distributions[k] for k in p},
-                                user_attrs=_identity(work))
+                                user_attrs=self._identity(work))
         self.open[work.key] = optuna.Trial(self.study, self.storage.create_new_trial(self.study_id, template))
 
     def adopt(self, work: Work, trial: optuna.Trial) -> None:
-        for k, v in _identity(work).items():
+        for k, v in self._identity(work).items():
             trial.set_user_attr(k, v)
         self.open[work.key] = trial
+
+    def _identity(self, work: Work) -> dict:
+        return {"key": work.key, "identity": self.identity, "condition": work.condition, "seed": work.seed}
 
     def epoch(self, key: str, record: dict) -> None:
         """Validation accuracy at this epoch. A retried trial (its worker died) repeats epochs; the
@@ -111,17 +154,51 @@ class Store:
             self.open[key].report(record["val_acc"], step=step)
             reported.add(step)
 
-    def complete(self, key: str, summary: dict) -> None:
-        trial = self.open.pop(key)
-        final, best = summary["final"], summary["best"]
-        attrs = {k: v for k, v in final.items() if k.endswith(("_acc", "_gap", "_loss")) or k == "gap"}
-        attrs.update({f"best_{k}": v for k, v in best.items() if k.endswith(("_acc", "gap"))})
-        attrs.update(best_epoch=best["epoch"], epochs=final["epoch"], seconds=final["seconds"],
-                     images_per_s=final["images_per_s"], test_predictions=summary["test_predictions"],
-                     history={k: [r[k] for r in summary["history"]] for k in final if k.endswith("_acc")})
-        for k, v in attrs.items():
+    def complete(self, work: Work, summary: dict) -> TrialRecord:
+        trial = self.open.pop(work.key)
+        final = summary["final"]
+        # per-epoch accuracies and gaps (4 digits): every dashboard load of the trial carries them
+        history = {k: [float(f"{r[k]:.4g}") for r in summary["history"]] for k in final
+                   if k.endswith(("_acc", "gap")) or k in ("lr", "train_acc_augmented")}
+        record = TrialRecord(
+            key=work.key, identity=self.identity, condition=work.condition, seed=work.seed, settings=work.settings,
+            converged=summary["converged"], epochs=int(final["epoch"]), best_epoch=int(summary["best"]["epoch"]),
+            seconds=final["seconds"], images_per_s=final["images_per_s"],
+            final={k: v for k, v in final.items() if k not in ("epoch", "seconds", "images_per_s", "lr")},
+            history=history)
+        for k, v in record.attrs().items():
             trial.set_user_attr(k, v)
-        self.study.tell(trial, best["val_acc"])
+        self._attach(trial, "test_predictions.json", json.dumps(summary["test_predictions"]))
+        self._note(trial, record)
+        self.study.tell(trial, final["val_acc"])
+        return record
+
+    def _attach(self, trial: optuna.Trial, filename: str, text: str) -> None:
+        """Large per-trial data goes to the artifact store, not the user attributes that every
+        dashboard page load carries."""
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / filename
+            path.write_text(text)
+            upload_artifact(artifact_store=self.artifacts, file_path=str(path), study_or_trial=trial,
+                            mimetype="application/json")
+
+    def _note(self, trial: optuna.Trial, record: TrialRecord) -> None:
+        """The trial's own page in optuna-dashboard: what it is, and every epoch in %."""
+        from optuna_dashboard import save_note
+
+        own = {k: v for k, v in record.settings.items() if self.fixed.get(k) != v and k != "seed"}
+        columns = ["lr", *[k for k in record.history if k.endswith(("_acc", "gap")) and not k.endswith("augmented")]]
+        rows = [f"| {e + 1} | " + " | ".join(f"{record.history[c][e]:.2g}" if c == "lr" else
+                                             f"{100 * record.history[c][e]:.1f}" for c in columns) + " |"
+                for e in range(record.epochs)]
+        state = "converged (stopped by the plateau rule)" if record.converged else "not converged (reached the epoch cap)"
+        save_note(trial, "\n".join([
+            f"**{', '.join(f'{k}={v}' for k, v in record.condition.items())}**, seed {record.seed}: {state} "
+            f"after {record.epochs} epochs ({record.seconds:.0f} s)", "",
+            "Settings of this condition (beyond the study's fixed ones): "
+            + (", ".join(f"{k}={v}" for k, v in own.items()) or "none"), "",
+            "Accuracy and gap in % per epoch:", "",
+            "| epoch | " + " | ".join(columns) + " |", "|" + "---|" * (len(columns) + 1), *rows]))
 
     def fail(self, key: str, error: str) -> None:
         trial = self.open.pop(key)
@@ -131,14 +208,3 @@ class Store:
     def prune(self, key: str) -> None:
         """Stopped early by the scheduler (ASHA): its epochs stay, its value does not count."""
         self.study.tell(self.open.pop(key), state=TrialState.PRUNED)
-
-
-def _identity(work: Work) -> dict:
-    return {"key": work.key, "condition": condition_id(work.condition), "seed": work.seed}
-
-
-def _version(package: str) -> str:
-    try:
-        return importlib.metadata.version(package)
-    except importlib.metadata.PackageNotFoundError:
-        return "not installed"

@@ -1,0 +1,228 @@
+"""Everything that talks to Ray: the trainable, the Tune callback that bridges to Optuna, the
+searcher that asks Optuna for nuisance values, progress display, and starting or joining Ray.
+
+Workers only train and report; the callback on the driver is the one writer to the storage.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import sys
+import time
+from pathlib import Path
+
+from pokestudy import UserError
+from pokestudy.data import Prepared
+from pokestudy.study.spec import Study, Work, condition_id
+from pokestudy.study.store import Store
+from pokestudy.train import Diverged, TrialConfig, run_trial
+
+
+def trainable(config: dict, data: Prepared) -> None:
+    """Ray Tune function trainable: one trial, each epoch reported; a divergence is a result, not a crash."""
+    import torch
+    from ray import tune
+
+    torch.set_num_threads(max(1, int(config["cpus"])))
+    cfg = TrialConfig.from_dict(config["work"]["settings"])
+    try:
+        summary = run_trial(cfg, data, on_epoch=tune.report)
+    except Diverged as e:
+        tune.report({"diverged": str(e)})
+        return
+    tune.report({**summary["final"], "summary": summary})
+
+
+class Progress:
+    """One calm status line: done / running / failed / total, elapsed, ETA, best validation accuracy."""
+
+    def __init__(self, total: int, already: int):
+        self.total, self.already, self.done, self.failed, self.running = total, already, already, 0, 0
+        self.start, self.best = time.monotonic(), 0.0
+        self.tty = sys.stderr.isatty()
+
+    def show(self, event: str = "") -> None:
+        elapsed = time.monotonic() - self.start
+        finished = self.done + self.failed - self.already
+        left = self.total - self.done - self.failed
+        eta = _clock(elapsed / finished * left) if finished else "--:--"
+        line = (f"trials {self.done}/{self.total} done · {self.running} running · {self.failed} failed · "
+                f"{_clock(elapsed)} elapsed · ETA {eta} · best val {self.best:.3f}")
+        if self.tty:
+            print(f"\r\033[K{line}", end="", file=sys.stderr, flush=True)
+        elif event:
+            print(f"{line}  ({event})", file=sys.stderr, flush=True)
+
+
+def _clock(seconds: float) -> str:
+    m, s = divmod(int(seconds), 60)
+    return f"{m // 60}:{m % 60:02d}:{s:02d}" if m >= 60 else f"{m:02d}:{s:02d}"
+
+
+def _bridge(owner: dict[str, Store], distributions: dict, tuned: tuple[str, ...], progress: Progress):
+    """A Ray Tune callback that writes each trial's epochs and outcome to Optuna (driver side).
+
+    `owner` maps a trial key to the store that keeps it: the study's own, or while tuning
+    nuisance parameters, the condition's tuning study.
+    """
+    from ray.tune import Callback
+
+    class Bridge(Callback):
+        def on_trial_start(self, iteration, trials, trial, **info):
+            work = Work(**trial.config["work"])
+            if work.key not in owner[work.key].open:  # tuning trials are opened by the searcher; retries keep theirs
+                owner[work.key].start(work, distributions, tuned)
+            self._show(trials)
+
+        def on_trial_result(self, iteration, trials, trial, result, **info):
+            key = trial.config["work"]["key"]
+            if "summary" in result:
+                owner[key].complete(Work(**trial.config["work"]), result["summary"])
+                progress.done += 1
+                progress.best = max(progress.best, result["summary"]["best"]["val_acc"])
+                self._show(trials, f"done {key}")
+            elif "diverged" in result:
+                self._failed(trials, key, result["diverged"])
+            elif "val_acc" in result:
+                owner[key].epoch(key, result)
+
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            key = trial.config["work"]["key"]
+            if key in owner[key].open:  # stopped by the scheduler (ASHA) before its summary
+                owner[key].prune(key)
+                progress.done += 1
+                self._show(trials, f"stopped early {key}")
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            key = trial.config["work"]["key"]
+            if key in owner[key].open:
+                self._failed(trials, key, _error_text(trial))
+
+        def _failed(self, trials, key: str, error: str) -> None:
+            owner[key].fail(key, error)
+            progress.failed += 1
+            self._show(trials, f"FAILED {key}: {error.strip().splitlines()[-1][:200]}")
+
+        def _show(self, trials, event: str = "") -> None:
+            progress.running = sum(t.status == "RUNNING" for t in trials)
+            progress.show(event)
+
+    return Bridge()
+
+
+def asker(slots: list[tuple[dict, Store]], spec: Study, owner: dict[str, Store], cpus: float):
+    """A Ray Tune searcher that asks each condition's Optuna study (TPE) for its next nuisance values."""
+    from optuna.distributions import FloatDistribution
+    from ray.tune.search import Searcher
+
+    space = {k: FloatDistribution(r.low, r.high, log=r.log) for k, r in spec.nuisance.params.items()}
+
+    class AskOptuna(Searcher):
+        def suggest(self, trial_id: str):
+            if not slots:
+                return Searcher.FINISHED
+            condition, store = slots.pop(0)
+            trial = store.study.ask(space)  # the condition's sampler (TPE) proposes the values
+            seed = spec.seeds[0]
+            work = Work(key=f"{condition_id(condition)}/tune={trial.number}", condition=condition, seed=seed,
+                        settings={**spec.settings(condition, seed), **trial.params})
+            store.adopt(work, trial)
+            owner[work.key] = store
+            return {"work": vars(work), "cpus": cpus}
+
+        def on_trial_complete(self, trial_id: str, result=None, error: bool = False):
+            pass  # the Bridge callback records outcomes
+
+    return AskOptuna(metric="val_acc", mode="max")
+
+
+def _error_text(trial) -> str:
+    path = getattr(trial, "error_file", None)
+    if path and os.path.exists(path):
+        return Path(path).read_text()
+    return str(getattr(trial, "error_msg", None) or "the trial's worker failed")
+
+
+class Driver:
+    """Everything one `pokestudy run` needs to hand trials to Ray Tune."""
+
+    def __init__(self, spec: Study, prepared: Prepared, results: Path, address: str | None,
+                 max_concurrent: int | None, gpus: float | None, verbose: bool):
+        self.spec, self.prepared, self.results, self.address = spec, prepared, results, address
+        self.max_concurrent, self.verbose = max_concurrent, verbose
+        self.gpus = spec.resources.gpus if gpus is None else gpus
+
+    def fit(self, owner: dict[str, Store], progress: Progress, name: str, *, works: list[Work] | None = None,
+            searcher=None, samples: int = 1, distributions: dict | None = None, tuned: tuple[str, ...] = ()) -> None:
+        from ray import tune
+
+        cpus = self.spec.resources.cpus
+        scheduler = None
+        if searcher is not None and self.spec.nuisance.asha_grace:
+            # max_t one past the last epoch: ASHA stops a trial *at* max_t, which would cut off its summary.
+            scheduler = tune.schedulers.ASHAScheduler(time_attr="epoch", max_t=self._epoch_cap() + 1,
+                                                      grace_period=self.spec.nuisance.asha_grace)
+        space = {"work": tune.grid_search([vars(w) for w in works]), "cpus": cpus} if works else {}
+        tuner = tune.Tuner(
+            tune.with_resources(tune.with_parameters(trainable, data=self.prepared), {"cpu": cpus, "gpu": self.gpus}),
+            param_space=space,
+            tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=samples,
+                                        metric="val_acc" if scheduler else None, mode="max" if scheduler else None,
+                                        max_concurrent_trials=self.max_concurrent, reuse_actors=True,
+                                        trial_dirname_creator=lambda t: t.trial_id),
+            run_config=tune.RunConfig(
+                name=f"{name}-{int(time.time())}", storage_path=str((self.results / ".ray").resolve()),
+                verbose=2 if self.verbose else 0, callbacks=[_bridge(owner, distributions or {}, tuned, progress)],
+                failure_config=tune.FailureConfig(max_failures=self.spec.resources.retries)),
+        )
+        tuner.fit()
+        print(file=sys.stderr)
+
+    def _epoch_cap(self) -> int:
+        return max(TrialConfig.from_dict(self.spec.settings(c)).epochs for c in self.spec.conditions())
+
+    def cluster(self) -> dict[str, float]:
+        """CPUs and GPUs of the Ray cluster the trials run on (for the study's provenance)."""
+        import ray
+
+        if not ray.is_initialized():
+            return {}
+        return {k: v for k, v in ray.cluster_resources().items() if k in ("CPU", "GPU")}
+
+    def start_ray(self) -> None:
+        check_address(self.address)
+        token = os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH") \
+            or (Path.home() / ".ray" / "auth_token").exists()
+        if self.address and token:
+            # `ray start` (Ray >= 2.59) enforces token auth, but a driver given an address sends
+            # its token only when told to, and Ray reads this when it is first imported.
+            os.environ.setdefault("RAY_AUTH_MODE", "token")
+        os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+        os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
+        import ray
+
+        if ray.is_initialized():
+            return
+        try:
+            ray.init(address=self.address or "local", include_dashboard=False, log_to_driver=self.verbose,
+                     logging_level=logging.INFO if self.verbose else logging.ERROR)
+        except (ConnectionError, RuntimeError, ValueError) as e:
+            raise UserError(f"cannot connect to Ray at {self.address}: {str(e).splitlines()[0]}; "
+                            "start one with `ray start --head` or omit --address") from None
+        if not self.verbose:
+            for logger in ("ray", "ray.tune", "ray.train", "ray.air"):  # failures reach the progress line instead
+                logging.getLogger(logger).setLevel(logging.CRITICAL)
+
+
+def check_address(address: str | None) -> None:
+    """Refuse at once when nothing listens at HOST:PORT (ray.init would retry for minutes)."""
+    host, _, port = (address or "").rpartition(":")
+    if not port.isdigit() or "://" in address:
+        return  # "auto", "ray://…" and other forms: let Ray decide
+    try:
+        socket.create_connection((host or "127.0.0.1", int(port)), timeout=5).close()
+    except OSError as e:
+        raise UserError(f"no Ray cluster at {address} ({e.strerror or e}); start one with `ray start --head` "
+                        "or omit --address to run on this machine") from None

@@ -1,0 +1,176 @@
+"""The one shape in which trials and studies live in Optuna: the store writes these records, the
+report reads them back. A field that is missing or renamed fails loudly here, never as a silent
+default somewhere downstream.
+
+A study's *identity* is what its trials' results depend on: the design part of the spec
+(factors, fixed settings, nuisance search) and the data (content fingerprint, resolution,
+split). Trials carry the identity they ran under; a rerun resumes only trials of the same
+identity, and a report reads only those.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+from dataclasses import asdict, dataclass, fields
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import optuna
+
+from pokestudy import UserError, __version__
+from pokestudy.study.spec import Study, digest
+
+PACKAGES = ("torch", "torchvision", "ray", "optuna", "optuna-dashboard")
+
+
+class RecordError(UserError):
+    """A stored trial or study lacks a field this pokestudy needs (written by another version?)."""
+
+
+def _read(cls: type, attrs: dict[str, Any], where: str) -> Any:
+    missing = [f.name for f in fields(cls) if f.name not in attrs]
+    if missing:
+        raise RecordError(f"{where} has no {', '.join(missing)} (stored by another pokestudy version?); "
+                          "rerun the study with --restart to record it afresh")
+    return cls(**{f.name: attrs[f.name] for f in fields(cls)})
+
+
+@dataclass(frozen=True)
+class TrialRecord:
+    """One finished trial, as stored in its Optuna trial's user attributes (one attribute per field)."""
+
+    key: str  # condition + seed (or + tuning number): what a rerun matches on
+    identity: str  # digest of the study identity it ran under
+    condition: dict[str, str]  # factor -> level name
+    seed: int
+    settings: dict[str, Any]  # the TrialConfig it ran with
+    converged: bool  # stopped by the plateau rule before the epoch cap
+    epochs: int
+    best_epoch: int  # the epoch of the best validation accuracy
+    seconds: float
+    images_per_s: float
+    final: dict[str, float]  # metrics at the last epoch: train_acc, val_acc, test_acc, gap, <extra>_acc, …
+    history: dict[str, list[float]]  # every metric, per epoch
+
+    @classmethod
+    def from_trial(cls, trial: optuna.trial.FrozenTrial) -> "TrialRecord":
+        return _read(cls, trial.user_attrs, f"trial {trial.number}")
+
+    def attrs(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class StudyRecord:
+    """What a study is: its spec, identity, data manifest and provenance (study user attributes)."""
+
+    spec: dict[str, Any]
+    identity: dict[str, Any]  # {"digest", "design", "data"}
+    data: dict[str, Any]  # the data manifest: source, counts, skipped files, splits, fingerprint
+    provenance: dict[str, Any]
+
+    @classmethod
+    def from_study(cls, study: optuna.Study) -> "StudyRecord":
+        return _read(cls, study.user_attrs, f"study {study.study_name!r}")
+
+    def attrs(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def identity(spec: Study, manifest: dict[str, Any]) -> dict[str, Any]:
+    """The study identity for this spec on this data; `digest` compares two of them."""
+    data = {"source": manifest["data"], "fingerprint": manifest["fingerprint"], "res": manifest["res"],
+            "split_seed": manifest["split_seed"], "fractions": manifest["fractions"]}
+    same = {"design": spec.design(), "data": {k: v for k, v in data.items() if k != "source"}}
+    return {"digest": digest(same), "design": spec.design(), "data": data}
+
+
+def differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """What changed between two identities, in words: `fixed.epochs: 6 → 30`, `data: A → B`."""
+    out = []
+    o, n = old["data"], new["data"]
+    if o["source"] != n["source"]:
+        out.append(f"data: {o['source']} → {n['source']}")
+    elif o["fingerprint"] != n["fingerprint"]:
+        out.append(f"data files changed (fingerprint {o['fingerprint']} → {n['fingerprint']})")
+    out += [f"data.{k}: {o[k]} → {n[k]}" for k in ("res", "split_seed", "fractions") if o[k] != n[k]]
+    flat_old, flat_new = _flatten(old["design"]), _flatten(new["design"])
+    for k in sorted(set(flat_old) | set(flat_new)):
+        if flat_old.get(k, "(none)") != flat_new.get(k, "(none)"):
+            out.append(f"{k}: {flat_old.get(k, '(none)')} → {flat_new.get(k, '(none)')}")
+    return out
+
+
+def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(value, dict) and value:
+        return {k: v for key, sub in value.items() for k, v in _flatten(sub, f"{prefix}{key}.").items()}
+    return {prefix.rstrip("."): value}
+
+
+def now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def provenance(manifest: dict[str, Any], threads_per_trial: float, started: str,
+               cluster: dict[str, float] | None = None) -> dict[str, Any]:
+    """Where and with what a study ran: versions, code revision, machine, data, times."""
+    import torch
+
+    gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
+    return {
+        "pokestudy": __version__, "git": _git(), "python": platform.python_version(),
+        "packages": {p: _version(p) for p in PACKAGES},
+        "cpu": _cpu_model(), "cores": os.cpu_count(), "gpus": gpus, "threads_per_trial": threads_per_trial,
+        "ray_cluster": cluster or {}, "data_fingerprint": manifest["fingerprint"],
+        "started": started, "finished": None,
+    }
+
+
+def provenance_line(p: dict[str, Any]) -> str:
+    """One line of provenance, for `pokestudy studies` and summary.md."""
+    git = p["git"]
+    code = f"pokestudy {p['pokestudy']}" + (f" @ {git['commit'][:10]}{' (modified)' if git['modified'] else ''}"
+                                            if git else "")
+    gpus = f"{len(p['gpus'])}× {p['gpus'][0]}" if p["gpus"] else "no GPU"
+    versions = ", ".join(f"{k} {v}" for k, v in p["packages"].items())
+    return (f"{code}; Python {p['python']}, {versions}; {p['cpu']} ({p['cores']} cores), {gpus}, "
+            f"{p['threads_per_trial']:g} threads per trial; data {p['data_fingerprint']}; "
+            f"started {p['started']}, finished {p['finished'] or '(not yet)'}")
+
+
+def _git() -> dict[str, Any] | None:
+    """The commit and whether the tree was modified, when pokestudy runs from a git checkout."""
+    here = Path(__file__).resolve().parents[1]  # the package's own folder
+    try:  # tracked, not merely inside a work tree: a venv inside a checkout is ignored by git
+        tracked = subprocess.run(["git", "-C", str(here), "ls-files", "--error-unmatch", "__init__.py"],
+                                 capture_output=True, text=True, timeout=10)
+        commit = subprocess.run(["git", "-C", str(here), "rev-parse", "HEAD"], capture_output=True, text=True,
+                                timeout=10)
+        if tracked.returncode != 0 or commit.returncode != 0:
+            return None
+        status = subprocess.run(["git", "-C", str(here), "status", "--porcelain", "--untracked-files=no"],
+                                capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return {"commit": commit.stdout.strip(), "modified": bool(status.stdout.strip())}
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _version(package: str) -> str:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return "not installed"
