@@ -1,8 +1,11 @@
 """Augmentation policies act on batches of tensors: online per batch, offline once."""
 
+import pytest
 import torch
 
 from pokestudy.data.augment import POLICIES, copies, paper
+
+pytestmark = pytest.mark.fast  # the edit-test loop: `pytest -m fast`
 
 
 def _batch(n: int = 8) -> torch.Tensor:

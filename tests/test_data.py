@@ -13,6 +13,8 @@ from pokestudy.data import load, prepare
 from pokestudy.data.split import split
 from tests.conftest import pokestudy
 
+pytestmark = pytest.mark.fast  # the edit-test loop: `pytest -m fast`
+
 
 def test_messy_folder_is_decoded_by_content_and_every_skip_has_a_reason(messy_folder: Path):
     ds = load(str(messy_folder), 32)

@@ -5,6 +5,8 @@ import torch
 
 from pokestudy.models import MODELS
 
+pytestmark = pytest.mark.fast  # the edit-test loop: `pytest -m fast`
+
 
 @pytest.mark.parametrize("arch", sorted(MODELS))
 @pytest.mark.parametrize("res", [32, 64, 96, 224])

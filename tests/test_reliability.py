@@ -173,6 +173,7 @@ def _bad(tmp_path: Path, case: str) -> list[str]:
     }[case]
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize("case", [
     "unknown study", "yaml syntax error", "unknown key", "wrong type", "empty factor", "seeds not integers",
     "resolution out of range", "missing data path", "no class folders", "only undecodable files",

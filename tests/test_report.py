@@ -85,3 +85,94 @@ def test_report_on_an_unknown_or_empty_study_is_one_line_exit_2(tmp_path: Path, 
     optuna.create_study(study_name="empty", storage=url)
     out = pokestudy("report", "--study", study, "--results", str(tmp_path))
     assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1 and "Traceback" not in out.stderr
+
+
+def _summary(train: float, test: float, converged: bool, predictions: int, epochs: int = 5) -> dict:
+    """What `run_trial` returns, for a trial that ramps up to `train` / `test` accuracy."""
+    history = []
+    for e in range(1, epochs + 1):
+        f = e / epochs
+        r = {"epoch": e, "lr": 0.01, "train_acc_augmented": train * f, "train_acc": train * f, "val_acc": test * f,
+             "test_acc": test * f, "train_loss": 1 - f, "val_loss": 1.0, "test_loss": 1.0, "seconds": float(e),
+             "images_per_s": 100.0}
+        r["gap"] = r["train_acc"] - r["test_acc"]
+        history.append(r)
+    return {"final": history[-1], "best": history[-1], "history": history, "converged": converged,
+            "test_predictions": [0] * predictions}
+
+
+def _stored_study(tmp_path: Path, raw: dict, outcome) -> tuple[str, Path]:
+    """A study in a real SQLite storage, written by the real store from trial summaries with known
+    properties: `outcome(condition, seed) -> (train_acc, test_acc, converged)`."""
+    from pokestudy.data import prepare
+    from pokestudy.study.record import StudyRecord, identity, now, provenance
+    from pokestudy.study.spec import Study
+    from pokestudy.study.store import Store, artifact_store, grid_distributions
+
+    spec = Study.model_validate(raw)
+    data = prepare(spec.data.source, spec.data.res)
+    url = f"sqlite:///{tmp_path / 'pokestudy.db'}"
+    record = StudyRecord(spec=spec.model_dump(mode="json"), identity=identity(spec, data.manifest),
+                         data=data.manifest, provenance=provenance(data.manifest, 1, now()))
+    store = Store(url, spec.name, record, artifact_store(tmp_path))
+    plan = spec.trials()
+    for work in plan:
+        store.start(work, grid_distributions(plan))
+        store.complete(work, _summary(*outcome(work.condition, work.seed), predictions=len(data.sets["test"][1])))
+    return url, tmp_path
+
+
+NOISE = [0.01, -0.01, 0.005, -0.005]
+
+
+@pytest.mark.fast
+def test_verdict_labels_follow_the_evidence(tmp_path: Path):
+    raw = {"name": "labels", "data": {"source": "synthetic:classes=4,per_class=12,size=32", "res": 32},
+           "factors": {"treatment": {"ref": {}, "clear": {"dropout": 0.1}, "null": {"dropout": 0.2},
+                                     "noisy": {"dropout": 0.3}, "stuck": {"dropout": 0.4}}},
+           "seeds": [0, 1, 2, 3], "fixed": {"width": 4}}
+
+    def outcome(condition: dict, seed: int) -> tuple[float, float, bool]:
+        e = NOISE[seed]
+        return {"ref": (1.0, 0.60 + e, True),
+                "clear": (0.95, 0.65 + e, True),  # gap −10 points, test +5
+                "null": (1.0, 0.60 + e + [0.002, -0.002, 0.001, -0.001][seed], True),  # no effect, small noise
+                "noisy": (1.0, 0.60 + e + [0.10, -0.10, 0.08, -0.06][seed], True),  # no effect, large noise
+                "stuck": (0.95, 0.65 + e, False)}[condition["treatment"]]  # as clear, but never plateaued
+
+    _stored_study(tmp_path, raw, outcome)
+    out = pokestudy("report", "--study", "labels", "--results", str(tmp_path))
+    assert out.returncode == 0, out.stderr
+    verdicts = pd.read_csv(tmp_path / "labels" / "verdicts.csv").set_index("claim")["verdict"].to_dict()
+    assert verdicts == {"treatment=clear vs ref": "closes the gap",
+                        "treatment=null vs ref": "equivalent within ±2 points",
+                        "treatment=noisy vs ref": "inconclusive",
+                        "treatment=stuck vs ref": "inconclusive: not converged"}
+    gap = pd.read_csv(tmp_path / "labels" / "gap.csv").set_index("treatment")
+    assert gap.loc["stuck", "converged"] == "no (0/4)" and gap.loc["ref", "converged"] == "yes"
+    assert gap.loc["ref", "gap_real"].startswith("yes")
+    summary = (tmp_path / "labels" / "summary.md").read_text()
+    assert summary.index("**treatment=clear vs ref** — closes the gap") < summary.index("## Per condition")
+    assert "test accuracy rises" in summary
+
+
+@pytest.mark.fast
+def test_a_report_on_a_study_of_other_factors_names_its_own_factors(tmp_path: Path):
+    raw = {"name": "custom", "data": {"source": "synthetic:classes=4,per_class=12,size=32", "res": 32},
+           "factors": {"width": [4, 8], "dropout": [0.0, 0.3]}, "seeds": [0, 1, 2],
+           "report": {"interactions": [["width", "dropout"]]}}
+
+    def outcome(condition: dict, seed: int) -> tuple[float, float, bool]:
+        return 1.0, 0.5 + 0.1 * (condition["width"] == "8") + NOISE[seed], True
+
+    _stored_study(tmp_path, raw, outcome)
+    out = pokestudy("report", "--study", "custom", "--results", str(tmp_path))
+    assert out.returncode == 0, out.stderr
+    claims = pd.read_csv(tmp_path / "custom" / "verdicts.csv")["claim"].tolist()
+    assert claims == ["width=8 vs 4", "dropout=0.3 vs 0.0", "(width=8 − 4) at dropout=0.3 vs 0.0"]
+    gap = pd.read_csv(tmp_path / "custom" / "gap.csv")
+    assert list(gap.columns[:2]) == ["width", "dropout"] and len(gap) == 4
+    summary = (tmp_path / "custom" / "summary.md").read_text()
+    assert "arch" not in summary and "augment" not in summary and "98" not in summary
+    for png in ("curves", "gap", "tradeoff", "effects_over_epochs", "predictions"):
+        assert (tmp_path / "custom" / f"{png}.png").stat().st_size > 5000

@@ -30,6 +30,7 @@ def write_spec(tmp_path: Path, **changes) -> Path:
     return path
 
 
+@pytest.mark.fast
 def test_every_shipped_spec_loads_and_says_what_it_answers():
     shipped = spec.available()
     assert {"overfit", "smoke", "paper", "tune", "leakage"} <= set(shipped)
@@ -41,6 +42,7 @@ def test_every_shipped_spec_loads_and_says_what_it_answers():
     assert set(overfit.factors["augment"]) == {"none", "paper", "paper-offline"}
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize("changes, message", [
     ({"colour": "red"}, "colour: Extra inputs are not permitted"),
     ({"seeds": ["a", "b"]}, "seeds.0"),
@@ -57,6 +59,7 @@ def test_bad_specs_are_refused_with_one_line(tmp_path: Path, changes: dict, mess
         spec.load(str(write_spec(tmp_path, **changes)))
 
 
+@pytest.mark.fast
 def test_yaml_syntax_error_and_unknown_study(tmp_path: Path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("name: x\nfactors: [unclosed\n")
@@ -215,6 +218,7 @@ def test_changed_files_in_a_data_folder_are_refused_then_restart_keeps_the_old_s
     assert len(optuna.load_study(study_name=archived[0], storage=url).trials) == 1
 
 
+@pytest.mark.fast
 def test_a_duplicate_key_in_a_spec_is_refused_naming_the_key_and_line(tmp_path: Path):
     path = tmp_path / "dup.yaml"
     path.write_text("name: dup\nfactors: {arch: [cnn]}\nseeds: [0]\nfixed:\n  epochs: 6\n  epochs: 30\n")

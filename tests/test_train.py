@@ -12,6 +12,8 @@ from pokestudy.data import prepare
 from pokestudy.train import Diverged, TrialConfig, run_trial
 from tests.conftest import pokestudy
 
+pytestmark = pytest.mark.fast  # the edit-test loop: `pytest -m fast`
+
 DATA = "synthetic:classes=5,per_class=16,size=32"
 
 

@@ -18,7 +18,7 @@ from optuna.artifacts.exceptions import ArtifactNotFound
 
 from pokestudy import UserError
 from pokestudy.report import figures, summary, tables, verdicts
-from pokestudy.study.spec import Range, ReportSpec, condition_id
+from pokestudy.study.spec import Range, Study
 from pokestudy.study.store import artifact_store, find_study, open_study, read_artifact
 
 
@@ -30,15 +30,15 @@ def build(url: str, name: str, results: Path, formats: tuple[str, ...], generato
     out.mkdir(parents=True, exist_ok=True)
     df = tables.trials_frame(study)
     info = df.attrs["study"]
-    report = ReportSpec.model_validate(info.spec.get("report", {}))
+    spec = info.study
     table = tables.gap_table(df)
-    claims = verdicts.verdicts(df, report)
-    tuning = tuning_table(url, name, df, info.spec)
+    claims = verdicts.verdicts(df, spec.report)
+    tuning = tuning_table(url, name, df, spec)
     written = [*tables.export(df.drop(columns=["history", "settings"]), out, "trials", ("csv",)),
                *tables.export(table, out, "gap", formats), *tables.export(claims, out, "verdicts", formats)]
     if not tuning.empty:
         written += tables.export(tuning, out, "tuning", formats)
-    pngs = [figures.curves(df, out), figures.gaps(table, report.reference, out), figures.tradeoff(table, out),
+    pngs = [figures.curves(df, out), figures.gaps(table, spec.report.reference, out), figures.tradeoff(table, out),
             figures.effects_over_epochs(df, out), *_data_figures(url, study, info.data, df, results)]
     text = summary.write(name, generator, df, table, claims, tuning, [p.name for p in pngs])
     (out / "summary.md").write_text(text)
@@ -48,12 +48,12 @@ def build(url: str, name: str, results: Path, formats: tuple[str, ...], generato
     return out
 
 
-def tuning_table(url: str, name: str, df: pd.DataFrame, spec: dict) -> pd.DataFrame:
+def tuning_table(url: str, name: str, df: pd.DataFrame, spec: Study) -> pd.DataFrame:
     """Per tuned condition: the chosen nuisance values, whether one sits at its range's edge, and the
     tuning optimism (best tuning validation accuracy − mean validation accuracy of the seeded reruns)."""
-    if not spec.get("nuisance"):
+    if spec.nuisance is None:
         return pd.DataFrame()
-    ranges = {k: Range.model_validate(v) for k, v in spec["nuisance"]["params"].items()}
+    ranges = spec.nuisance.params
     rows = []
     for cid, group in df.groupby("condition", sort=False):
         tuning = find_study(url, f"{name}.tune.{cid}")

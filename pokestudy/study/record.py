@@ -77,6 +77,11 @@ class StudyRecord:
     def from_study(cls, study: optuna.Study) -> "StudyRecord":
         return _read(cls, study.user_attrs, f"study {study.study_name!r}")
 
+    @property
+    def study(self) -> Study:
+        """The stored spec, validated again into its typed form."""
+        return Study.model_validate(self.spec)
+
     def attrs(self) -> dict[str, Any]:
         return asdict(self)
 

@@ -75,8 +75,8 @@ def finished_keys(url: str, name: str, identity: str) -> set[str]:
     study = find_study(url, name)
     if study is None:
         return set()
-    return {t.user_attrs["key"] for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-            if t.user_attrs.get("identity") == identity}
+    records = [TrialRecord.from_trial(t) for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))]
+    return {r.key for r in records if r.identity == identity}
 
 
 def archive(url: str, name: str) -> str:
