@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass, fields
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import optuna
 
@@ -41,7 +41,8 @@ def _read(cls: type, attrs: dict[str, Any], where: str) -> Any:
 
 @dataclass(frozen=True)
 class TrialRecord:
-    """One finished trial, as stored in its Optuna trial's user attributes (one attribute per field)."""
+    """One finished trial. Kept whole in one trial system attribute, which optuna-dashboard does not
+    send with every page; the user attributes get a short `display()` view of it instead."""
 
     key: str  # condition + seed (or + tuning number): what a rerun matches on
     identity: str  # digest of the study identity it ran under
@@ -54,14 +55,26 @@ class TrialRecord:
     seconds: float
     images_per_s: float
     final: dict[str, float]  # metrics at the last epoch: train_acc, val_acc, test_acc, gap, <extra>_acc, …
-    history: dict[str, list[float]]  # every metric, per epoch
+    history: dict[str, list[float]]  # accuracies, gaps and learning rate, per epoch
+
+    ATTR: ClassVar[str] = "pokestudy:record"
 
     @classmethod
     def from_trial(cls, trial: optuna.trial.FrozenTrial) -> "TrialRecord":
-        return _read(cls, trial.user_attrs, f"trial {trial.number}")
+        where = f"trial {trial.number}"
+        if cls.ATTR not in trial.system_attrs:
+            raise RecordError(f"{where} has no pokestudy record (stored by another pokestudy version?); "
+                              "rerun the study with --restart to record it afresh")
+        return _read(cls, trial.system_attrs[cls.ATTR], where)
 
     def attrs(self) -> dict[str, Any]:
         return asdict(self)
+
+    def display(self) -> dict[str, Any]:
+        """What a person scanning trials in optuna-dashboard wants, each short enough for one line."""
+        shown = {k: round(v, 4) for k, v in self.final.items() if k.endswith(("_acc", "gap")) and "augmented" not in k}
+        return {"condition": ",".join(f"{k}={v}" for k, v in self.condition.items()), "seed": self.seed,
+                "converged": self.converged, "epochs": self.epochs, **shown}
 
 
 @dataclass(frozen=True)

@@ -144,7 +144,8 @@ class Store:
         self.open[work.key] = trial
 
     def _identity(self, work: Work) -> dict:
-        return {"key": work.key, "identity": self.identity, "condition": work.condition, "seed": work.seed}
+        """Shown while the trial runs (and kept if it fails): which trial this is."""
+        return {"key": work.key, "identity": self.identity, "seed": work.seed}
 
     def epoch(self, key: str, record: dict) -> None:
         """Validation accuracy at this epoch. A retried trial (its worker died) repeats epochs; the
@@ -166,7 +167,9 @@ class Store:
             seconds=final["seconds"], images_per_s=final["images_per_s"],
             final={k: v for k, v in final.items() if k not in ("epoch", "seconds", "images_per_s", "lr")},
             history=history)
-        for k, v in record.attrs().items():
+        trial_id = self.storage.get_trial_id_from_study_id_trial_number(self.study_id, trial.number)
+        self.storage.set_trial_system_attr(trial_id, TrialRecord.ATTR, record.attrs())
+        for k, v in record.display().items():
             trial.set_user_attr(k, v)
         self._attach(trial, "test_predictions.json", json.dumps(summary["test_predictions"]))
         self._note(trial, record)
@@ -186,7 +189,8 @@ class Store:
         """The trial's own page in optuna-dashboard: what it is, and every epoch in %."""
         from optuna_dashboard import save_note
 
-        own = {k: v for k, v in record.settings.items() if self.fixed.get(k) != v and k != "seed"}
+        own = {k: v for k, v in record.settings.items()
+               if k not in (*self.fixed, *record.condition, "seed", "res")}  # what a level's bundle sets
         columns = ["lr", *[k for k in record.history if k.endswith(("_acc", "gap")) and not k.endswith("augmented")]]
         rows = [f"| {e + 1} | " + " | ".join(f"{record.history[c][e]:.2g}" if c == "lr" else
                                              f"{100 * record.history[c][e]:.1f}" for c in columns) + " |"
