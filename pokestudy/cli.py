@@ -64,10 +64,12 @@ def _train(args: argparse.Namespace) -> None:
         raise UserError(str(e)) from None
     final, best = summary["final"], summary["best"]
     if args.json:
-        print(json.dumps({"final": True, **final, "best_epoch": best["epoch"], "best_val_acc": best["val_acc"]}))
+        print(json.dumps({"final": True, **final, "best_epoch": best["epoch"], "best_val_acc": best["val_acc"],
+                          "converged": summary["converged"]}))
     else:
+        state = "converged" if summary["converged"] else f"NOT converged: reached the cap of {cfg.epochs} epochs"
         print(f"\n{cfg.arch}, augment={cfg.augment}: train {final['train_acc']:.3f}, test {final['test_acc']:.3f}, "
-              f"gap {final['gap']:+.3f} after {final['epoch']} epochs ({final['seconds']:.0f} s); "
+              f"gap {final['gap']:+.3f} after {final['epoch']} epochs, {state} ({final['seconds']:.0f} s); "
               f"best val {best['val_acc']:.3f} at epoch {best['epoch']}")
 
 

@@ -120,17 +120,21 @@ def test_smoke_study_on_a_ray_cluster_started_with_ray_start(tmp_path: Path):
     assert head.poll() is not None
 
 
-def test_dashboard_in_headless_chromium_shows_the_study_its_trials_note_and_figures(smoke_run, tmp_path: Path):
+def test_dashboard_in_headless_chromium_answers_the_question_at_a_glance(smoke_run, tmp_path: Path):
+    """As a user sees it at 1280 px: the note leads with the verdicts, figures open, a trial page
+    explains itself without scrolling sideways, and importance ranks only the factors. Screenshots
+    of every page land in tmp_path, named in any failure message."""
     from playwright.sync_api import sync_playwright
 
     from pokestudy.report import build
 
     url, results = smoke_run
-    build(url, "smoke", results, ("md",), generator="test")
+    build(url, "smoke", results, ("md",), generator="pokestudy report --study smoke")
     port = free_port()
     server = subprocess.Popen([sys.executable, "-m", "pokestudy", "dashboard", "--port", str(port), "--storage", url,
                                "--results", str(results)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                               start_new_session=True)
+    shots = f"screenshots in {tmp_path}"
     try:
         wait_for_port(port)
         base = f"http://127.0.0.1:{port}"
@@ -138,25 +142,43 @@ def test_dashboard_in_headless_chromium_shows_the_study_its_trials_note_and_figu
             browser = p.chromium.launch(executable_path="/usr/bin/chromium", args=[
                 "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
                 "--disable-sync"])
-            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            page = browser.new_page(viewport={"width": 1280, "height": 900})
+            importances: list[dict] = []
+            page.on("response", lambda r: importances.append(r.json()) if r.url.endswith("/param_importances") else None)
             page.goto(f"{base}/dashboard")
             link = page.get_by_role("link", name="smoke")
             link.wait_for(timeout=30_000)
             study_path = link.get_attribute("href")
-            page.goto(base + study_path)
+
+            page.goto(base + study_path)  # the study page: named objective, figures, importance
             figures = page.locator("img[src^='/artifacts/']")
             figures.first.wait_for(timeout=30_000)
-            assert figures.count() >= 2
+            page.get_by_text("Hyperparameter Importance").first.wait_for(timeout=30_000)
+            page.screenshot(path=str(tmp_path / "study.png"), full_page=True)
+            assert figures.count() >= 4, shots
             image = page.request.get(base + figures.first.get_attribute("src"))
             assert image.ok and image.headers["content-type"] == "image/png"
-            page.screenshot(path=str(tmp_path / "study.png"), full_page=True)
-            page.goto(f"{base}{study_path}/trials")
-            page.get_by_text("COMPLETE").first.wait_for(timeout=30_000)
-            page.goto(f"{base}{study_path}/note")
+            assert "val_acc (last epoch)" in page.inner_text("body"), shots
+            ranked = {p["name"] for imp in importances for obj in imp["param_importances"] for p in obj}
+            assert ranked == {"arch", "augment", "regularization"}, f"importance ranks {ranked}; {shots}"
+
+            page.goto(f"{base}{study_path}/trials")  # a trial explains itself
+            page.get_by_text("Accuracy and gap in % per epoch").first.wait_for(timeout=30_000)
+            page.screenshot(path=str(tmp_path / "trial.png"), full_page=True)
+            body = page.inner_text("body")
+            assert "arch=cnn, augment=none, regularization=none" in body and "converged" in body, shots
+            assert page.locator("table").first.inner_text().split()[:3] == ["epoch", "lr", "train_acc"], shots
+            width = page.evaluate("document.documentElement.scrollWidth")
+            assert width <= 1280, f"trial page is {width} px wide; {shots}"
+
+            page.goto(f"{base}{study_path}/note")  # the note leads with the answer
             page.get_by_text("Verdicts").first.wait_for(timeout=30_000)
-            assert "arch" in page.inner_text("body") and "gap" in page.inner_text("body")
             page.screenshot(path=str(tmp_path / "note.png"), full_page=True)
+            note = page.inner_text("body")
+            assert note.index("Verdicts") < note.index("Per condition"), shots
+            assert "arch=resnet vs cnn" in note and "pokestudy report --study smoke" in note, shots
+            figure = page.request.get(base + page.get_by_role("link", name="gap.png").get_attribute("href"))
+            assert figure.ok and figure.headers["content-type"] == "image/png", "figures open full-size from the note"
             browser.close()
     finally:
         stop(server)
-    assert (tmp_path / "study.png").stat().st_size > 10_000

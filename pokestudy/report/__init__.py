@@ -10,6 +10,7 @@ import json
 import math
 import sys
 from pathlib import Path
+from typing import Callable
 
 import optuna
 import pandas as pd
@@ -19,7 +20,7 @@ from optuna.artifacts.exceptions import ArtifactNotFound
 from pokestudy import UserError
 from pokestudy.report import figures, summary, tables, verdicts
 from pokestudy.study.spec import Range, Study
-from pokestudy.study.store import artifact_store, find_study, open_study, read_artifact
+from pokestudy.study.store import artifact_store, find_study, open_study, read_artifact, storage
 
 
 def build(url: str, name: str, results: Path, formats: tuple[str, ...], generator: str) -> Path:
@@ -40,9 +41,9 @@ def build(url: str, name: str, results: Path, formats: tuple[str, ...], generato
         written += tables.export(tuning, out, "tuning", formats)
     pngs = [figures.curves(df, out), figures.gaps(table, spec.report.reference, out), figures.tradeoff(table, out),
             figures.effects_over_epochs(df, out), *_data_figures(url, study, info.data, df, results)]
-    text = summary.write(name, generator, df, table, claims, tuning, [p.name for p in pngs])
+    text = summary.write(name, generator, df, table, claims, tuning, {p.name: p.name for p in pngs})
     (out / "summary.md").write_text(text)
-    _publish(study, results, text, pngs)
+    _publish(url, study, results, pngs, lambda links: summary.write(name, generator, df, table, claims, tuning, links, padded=True))
     print(tables.readable(claims)[["claim", "verdict", "gap", "test_acc"]].to_string(index=False))
     print(f"\nwritten to {out}/: {', '.join(p.name for p in [*written, *pngs])}, summary.md", file=sys.stderr)
     return out
@@ -105,22 +106,26 @@ def _data_figures(url: str, study: optuna.Study, manifest: dict, df: pd.DataFram
     return [figures.predictions(images, labels, data.classes, runs, out), figures.confusions(confused, out)]
 
 
-def _publish(study: optuna.Study, results: Path, note: str, pngs: list[Path]) -> None:
-    """The summary as the study's note and the figures as artifacts. A figure already published keeps
-    its artifact id and gets new bytes, so re-reporting leaves no deleted-artifact markers behind."""
+def _publish(url: str, study: optuna.Study, results: Path, pngs: list[Path], note: Callable[[dict], str]) -> None:
+    """The figures as artifacts, then the summary as the study's note, its figure links opening the
+    artifacts full-size. A figure already published keeps its artifact id and gets new bytes, so
+    re-reporting leaves no deleted-artifact markers behind (Optuna's own API could not read them)."""
     from optuna_dashboard import save_note
 
-    save_note(study, note)
     store = artifact_store(results)
     try:
         published = {meta.filename: meta.artifact_id for meta in get_all_artifact_meta(study)}
     except TypeError:  # a figure deleted in optuna-dashboard leaves a marker Optuna's own API cannot read
         print("pokestudy: figures not republished: an artifact of this study was deleted in optuna-dashboard, "
               "which Optuna cannot read back; the files in the results folder are current", file=sys.stderr)
-        return
-    for path in pngs:
+        published = None
+    links = {}
+    for path in pngs if published is not None else []:
         if path.name in published:
             with path.open("rb") as f:
                 store.write(published[path.name], f)
         else:
-            upload_artifact(artifact_store=store, file_path=str(path), study_or_trial=study, mimetype="image/png")
+            published[path.name] = upload_artifact(artifact_store=store, file_path=str(path), study_or_trial=study,
+                                                   mimetype="image/png")
+        links[path.name] = f"/artifacts/{storage(url).get_study_id_from_name(study.study_name)}/{published[path.name]}"
+    save_note(study, note(links or {p.name: p.name for p in pngs}))

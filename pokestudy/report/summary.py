@@ -9,6 +9,14 @@ from pokestudy.report.verdicts import sentence
 from pokestudy.study.record import StudyRecord, provenance_line
 from pokestudy.train import TrialConfig
 
+FIGURES = {
+    "curves": "accuracy per epoch per condition (train, test, extra sets)",
+    "gap": "the gap per condition with 95% CIs",
+    "tradeoff": "test accuracy against the gap per condition: a narrower gap is better only if test accuracy holds",
+    "effects_over_epochs": "each factor's paired effect on the gap, epoch by epoch: closing vs delaying",
+    "predictions": "the same test images, each model's guess",
+    "confusions": "the class pairs most often confused",
+}
 CONVERGENCE = ("*Converged* means the trial was stopped by the plateau rule before its epoch cap: neither "
                "validation nor clean train accuracy improved by {min_delta:g} points for {patience} epochs at "
                "the lowest learning rate, after {cuts} cuts ×0.1 (each at such a stall). A condition is converged "
@@ -16,7 +24,16 @@ CONVERGENCE = ("*Converged* means the trial was stopped by the plateau rule befo
 
 
 def write(name: str, generator: str, df: pd.DataFrame, table: pd.DataFrame, verdicts: pd.DataFrame,
-          tuning: pd.DataFrame, figures: list[str]) -> str:
+          tuning: pd.DataFrame, figures: dict[str, str], padded: bool = False) -> str:
+    """The summary in Markdown; `figures` maps each figure to its link (a file, or a dashboard artifact).
+    `padded` spaces table cells apart for optuna-dashboard's note, whose tables have no cell padding."""
+
+    def md(t: pd.DataFrame) -> str:
+        t = readable(t)
+        if padded:
+            t = t.astype(str).map(lambda v: f"\u2003{v}\u2003").rename(columns=lambda c: f"\u2003{c}\u2003")
+        return t.to_markdown(index=False)
+
     info: StudyRecord = df.attrs["study"]
     spec = info.study
     report = spec.report
@@ -39,7 +56,7 @@ def write(name: str, generator: str, df: pd.DataFrame, table: pd.DataFrame, verd
     lines += ["## Per condition", "",
               f"Accuracy in %, mean ± 95% CI half-width over seeds (no interval under {MIN_SEEDS} seeds); "
               f"*gap_real*: is train − test above 0, with an interval corrected for the {table.attrs['family']} "
-              "conditions.", "", readable(table).to_markdown(index=False), ""]
+              "conditions.", "", md(table), ""]
     if report.reference:
         ref = report.reference
         lines += [f"For comparison, {ref.label}: {100 * ref.train_acc:.0f}% train vs {100 * ref.test_acc:.0f}% test, "
@@ -48,8 +65,9 @@ def write(name: str, generator: str, df: pd.DataFrame, table: pd.DataFrame, verd
         lines += ["## Tuning", "", "Each condition's nuisance values were tuned on validation accuracy; a value near "
                   "its range's edge (within 10%, on a log scale for log ranges) says *extend the range*. Optimism = "
                   "best tuning validation accuracy − mean validation accuracy of the seeded reruns.", "",
-                  readable(tuning).to_markdown(index=False), ""]
-    lines += ["## Figures", "", *[f"- `{f}`" for f in figures], "",
+                  md(tuning), ""]
+    lines += ["## Figures", "", *[f"- [{name}]({link}): {FIGURES.get(name.removesuffix('.png'), '')}"
+                                  for name, link in figures.items()], "",
               "## The conclusions hold only for these settings", "",
               *[f"- {k}: {v}" for k, v in spec.fixed.items()],
               f"- data: {info.data['data']} at {info.data['res']} px, fingerprint {info.data['fingerprint']}; "
