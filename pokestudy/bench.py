@@ -101,6 +101,7 @@ def study_overhead(data_spec: str, data: Prepared, cfg: TrialConfig, workdir: Pa
     import ray
 
     from pokestudy.study import runner, spec
+    from pokestudy.study.record import TrialRecord
 
     study = spec.load(str(_spec(workdir / "overhead.yaml", "overhead", data_spec, cfg.res, cfg, trials)))
     url = f"sqlite:///{workdir / 'bench.db'}"
@@ -108,7 +109,7 @@ def study_overhead(data_spec: str, data: Prepared, cfg: TrialConfig, workdir: Pa
     runner.run_study(study, storage=url, results=workdir, study_name="overhead")
     wall = time.perf_counter() - start
     ray.shutdown()  # the measurements after this one get the machine to themselves
-    seconds = [t.user_attrs["seconds"] for t in optuna.load_study(study_name="overhead", storage=url).get_trials()]
+    seconds = [TrialRecord.from_trial(t).seconds for t in optuna.load_study(study_name="overhead", storage=url).get_trials()]
     gpus = study.resources.gpus
     slots = min(trials, int((os.cpu_count() or 1) // study.resources.cpus) or 1,
                 int(torch.cuda.device_count() / gpus) if gpus else trials)

@@ -158,7 +158,7 @@ def _run(args: argparse.Namespace) -> int:
     stored = runner.run_study(study, storage=url, results=args.results,
                               study_name=args.study_name or study.name, data=args.data, address=args.address,
                               max_concurrent=args.max_concurrent, gpus_per_trial=args.gpus_per_trial,
-                              restart=args.restart, verbose=args.verbose)
+                              restart=args.restart, verbose=args.verbose, trial_figure=_trial_figure)
     if not stored.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
         print(f"pokestudy: no trial of {stored.study_name} finished; their errors are in the storage "
               "(`pokestudy dashboard`)", file=sys.stderr)
@@ -168,6 +168,13 @@ def _run(args: argparse.Namespace) -> int:
     build(url, stored.study_name, args.results, ("csv", "md", "tex", "json"),
           generator=f"pokestudy run --study {args.study}")
     return 0
+
+
+def _trial_figure(record, path: Path) -> Path:
+    """The report's per-trial figure, imported only when the first trial finishes (matplotlib is slow to load)."""
+    from pokestudy.report import trial_figure
+
+    return trial_figure(record, path)
 
 
 def _report(args: argparse.Namespace) -> None:
@@ -184,7 +191,7 @@ def _studies(args: argparse.Namespace) -> None:
     import optuna
 
     from pokestudy.study import spec
-    from pokestudy.study.record import provenance_line
+    from pokestudy.study.record import RecordError, StudyRecord, provenance_line
     from pokestudy.study.store import storage
 
     if args.available:
@@ -201,8 +208,10 @@ def _studies(args: argparse.Namespace) -> None:
         for t in study.get_trials(deepcopy=False):
             counts[t.state.name] = counts.get(t.state.name, 0) + 1
         print(f"{s.study_name:<16} {s.n_trials:>4} trials  " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
-        if "provenance" in study.user_attrs:
-            print(f"{'':<16} {provenance_line(study.user_attrs['provenance'])}")
+        try:
+            print(f"{'':<16} {provenance_line(StudyRecord.from_study(study).provenance)}")
+        except RecordError:
+            print(f"{'':<16} (no pokestudy record: made by another tool or version)")
 
 
 def _bench(args: argparse.Namespace) -> None:

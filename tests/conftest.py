@@ -90,9 +90,10 @@ def pokestudy(*args: str, cwd: Path | None = None, timeout: float = 300, **kw) -
 @pytest.fixture(scope="session")
 def smoke_run(ray_local, tmp_path_factory: pytest.TempPathFactory) -> tuple[str, Path]:
     """The smoke study, run once for the session: (storage URL, results directory)."""
+    from pokestudy.report import trial_figure
     from pokestudy.study import runner, spec
 
     results = tmp_path_factory.mktemp("smoke")
     url = f"sqlite:///{results / 'pokestudy.db'}"
-    runner.run_study(spec.load("smoke"), storage=url, results=results, study_name="smoke")
+    runner.run_study(spec.load("smoke"), storage=url, results=results, study_name="smoke", trial_figure=trial_figure)
     return url, results

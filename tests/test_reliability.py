@@ -60,7 +60,7 @@ def test_three_kill_9s_then_a_normal_run_lose_nothing_and_duplicate_nothing(tmp_
         study = optuna.load_study(study_name="smoke", storage=f"sqlite:///{db}") if db.exists() else None
         for t in study.get_trials() if study else []:
             if t.state == TrialState.COMPLETE:
-                seen.setdefault(t.number, t.user_attrs)
+                seen.setdefault(t.number, (t.user_attrs, t.system_attrs[TrialRecord.ATTR]))
     out = pokestudy("run", "--study", "smoke", "--results", str(tmp_path))
     assert out.returncode == 0, out.stderr
     trials = optuna.load_study(study_name="smoke", storage=f"sqlite:///{db}").get_trials()
@@ -68,7 +68,8 @@ def test_three_kill_9s_then_a_normal_run_lose_nothing_and_duplicate_nothing(tmp_
     assert len(complete) == 16 and len({t.user_attrs["key"] for t in complete}) == 16
     by_number = {t.number: t for t in trials}
     for number, attrs in seen.items():  # every trial complete before a kill is still complete, unchanged
-        assert by_number[number].state == TrialState.COMPLETE and by_number[number].user_attrs == attrs
+        after = by_number[number]
+        assert after.state == TrialState.COMPLETE and (after.user_attrs, after.system_attrs[TrialRecord.ATTR]) == attrs
     assert not [t for t in trials if t.state == TrialState.RUNNING]
 
 

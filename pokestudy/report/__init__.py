@@ -19,7 +19,8 @@ from optuna.artifacts.exceptions import ArtifactNotFound
 
 from pokestudy import UserError
 from pokestudy.report import figures, summary, tables, verdicts
-from pokestudy.study.spec import Range, Study
+from pokestudy.study.record import TrialRecord
+from pokestudy.study.spec import Range, Study, condition_id
 from pokestudy.study.store import artifact_store, find_study, open_study, read_artifact, storage
 
 
@@ -118,14 +119,19 @@ def _publish(url: str, study: optuna.Study, results: Path, pngs: list[Path], not
     except TypeError:  # a figure deleted in optuna-dashboard leaves a marker Optuna's own API cannot read
         print("pokestudy: figures not republished: an artifact of this study was deleted in optuna-dashboard, "
               "which Optuna cannot read back; the files in the results folder are current", file=sys.stderr)
-        published = None
-    links = {}
-    for path in pngs if published is not None else []:
+        save_note(study, note({p.name: p.name for p in pngs}))
+        return
+    for path in pngs:
         if path.name in published:
             with path.open("rb") as f:
                 store.write(published[path.name], f)
         else:
             published[path.name] = upload_artifact(artifact_store=store, file_path=str(path), study_or_trial=study,
                                                    mimetype="image/png")
-        links[path.name] = f"/artifacts/{storage(url).get_study_id_from_name(study.study_name)}/{published[path.name]}"
-    save_note(study, note(links or {p.name: p.name for p in pngs}))
+    study_id = storage(url).get_study_id_from_name(study.study_name)
+    save_note(study, note({p.name: f"/artifacts/{study_id}/{published[p.name]}" for p in pngs}))
+
+
+def trial_figure(record: TrialRecord, path: Path) -> Path:
+    """The small curves figure the store attaches to each trial as it completes."""
+    return figures.trial_curves(record.history, f"{condition_id(record.condition)}, seed {record.seed}", path)

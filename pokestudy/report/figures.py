@@ -151,6 +151,25 @@ def effects_over_epochs(df: pd.DataFrame, out: Path) -> Path:
     return _save(fig, out / "effects_over_epochs.png")
 
 
+def trial_curves(history: dict[str, list[float]], title: str, path: Path) -> Path:
+    """One trial's accuracy per epoch (train, val, test, extra sets), dotted where the learning rate
+    was cut: the small figure on the trial's page in optuna-dashboard."""
+    fig, ax = plt.subplots(figsize=(4.2, 2.6))
+    epochs = np.arange(1, len(history["train_acc"]) + 1)
+    for metric, colour in [("train_acc", "C0"), ("val_acc", "C1"), ("test_acc", "C3"),
+                           *[(m, "C2") for m in history if m.endswith("_acc") and m not in
+                             ("train_acc", "val_acc", "test_acc", "train_acc_augmented")]]:
+        ax.plot(epochs, np.array(history[metric]) * 100, colour, label=metric.removesuffix("_acc"))
+    for e in np.flatnonzero(np.diff(history["lr"]) < 0) + 1.5:
+        ax.axvline(e, color="grey", ls=":", lw=1)
+    ax.set_xlabel("epoch (dotted: lr ×0.1)", fontsize=8)
+    ax.set_ylabel("accuracy (%)", fontsize=8)
+    ax.set_title(title, fontsize=8)
+    ax.legend(fontsize=6)
+    ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
 def predictions(images: torch.Tensor, labels: torch.Tensor, classes: list[str],
                 runs: dict[str, list[int]], out: Path, count: int = 16) -> Path:
     """The report's Figures 2 and 4, side by side: the same test images, each model's guess,

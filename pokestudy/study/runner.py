@@ -22,17 +22,18 @@ from pokestudy.data import prepare
 from pokestudy.study import record as records
 from pokestudy.study.raytune import Driver, Progress, asker, check_address
 from pokestudy.study.spec import Study, condition_id
-from pokestudy.study.store import (Store, archive, artifact_store, find_study, finished_keys, grid_distributions,
-                                   storage as open_storage)
+from pokestudy.study.store import (Store, TrialFigure, archive, artifact_store, find_study, finished_keys,
+                                   grid_distributions, storage as open_storage)
 
 
 def run_study(spec: Study, *, storage: str, results: Path, study_name: str, data: str | None = None,
               address: str | None = None, max_concurrent: int | None = None, gpus_per_trial: float | None = None,
-              restart: bool = False, verbose: bool = False) -> optuna.Study:
+              restart: bool = False, verbose: bool = False, trial_figure: TrialFigure | None = None) -> optuna.Study:
     """Run every trial of `spec` not yet COMPLETE in the storage; returns the Optuna study to report.
 
     Everything a user can get wrong (results folder, storage URL, data, identity, Ray address) is
-    checked before the first write to the storage.
+    checked before the first write to the storage. `trial_figure`, when given, draws each finished
+    trial for its page in the dashboard.
     """
     _check_writable(results)
     open_storage(storage)
@@ -56,7 +57,7 @@ def run_study(spec: Study, *, storage: str, results: Path, study_name: str, data
                 spec=spec.model_dump(mode="json"), identity=identity, data=prepared.manifest,
                 provenance=records.provenance(prepared.manifest, spec.resources.cpus, started, driver.cluster()))
 
-        best = _tune_nuisance(driver, storage, study_name, study_record) if tuned else None
+        best = _tune_nuisance(driver, storage, study_name, study_record, trial_figure) if tuned else None
         plan = spec.trials(best)
         done = finished_keys(storage, study_name, identity["digest"])
         todo = [w for w in plan if w.key not in done]
@@ -65,13 +66,13 @@ def run_study(spec: Study, *, storage: str, results: Path, study_name: str, data
                   file=sys.stderr)
             return stored or optuna.load_study(study_name=study_name, storage=open_storage(storage))
         driver.start_ray()
-        store = Store(storage, study_name, study_record(), artifact_store(results))
+        store = Store(storage, study_name, study_record(), artifact_store(results), trial_figure=trial_figure)
         stale = store.fail_stale()
         note = f", {stale} interrupted trial(s) will rerun" if stale else ""
         print(f"study {study_name}: {len(plan)} trials, {len(plan) - len(todo)} already done{note}", file=sys.stderr)
         driver.fit({w.key: store for w in todo}, Progress(len(plan), len(plan) - len(todo)), study_name,
                    works=todo, distributions=grid_distributions(plan, tuned), tuned=tuned)
-        prov = {**store.study.user_attrs["provenance"], "finished": records.now()}
+        prov = {**records.StudyRecord.from_study(store.study).provenance, "finished": records.now()}
         store.study.set_user_attr("provenance", prov)
         return store.study
     finally:
@@ -80,12 +81,13 @@ def run_study(spec: Study, *, storage: str, results: Path, study_name: str, data
 
 def _check_identity(stored: optuna.Study | None, identity: dict, name: str) -> str:
     """Refuse (before any write) a stored study of another identity; return when it was started."""
-    if stored is None or not stored.user_attrs:
+    if stored is None or not (stored.user_attrs or stored.trials):  # absent, or created by a run that died at once
         return records.now()
-    if "identity" not in stored.user_attrs:
-        raise UserError(f"study {name!r} in this storage was made by an older pokestudy and has no identity; "
-                        f"use --study-name NEW to start a new one, or --restart to archive it and start over")
-    old = records.StudyRecord.from_study(stored)
+    try:
+        old = records.StudyRecord.from_study(stored)
+    except records.RecordError:
+        raise UserError(f"study {name!r} in this storage has no pokestudy identity (another tool or an older "
+                        "version made it); use --study-name NEW, or --restart to archive it and start over") from None
     if old.identity["digest"] != identity["digest"]:
         diff = "; ".join(records.differences(old.identity, identity)) or "the study identity"
         raise UserError(f"study {name!r} in this storage is a different experiment ({diff}); use --study-name NEW "
@@ -93,7 +95,8 @@ def _check_identity(stored: optuna.Study | None, identity: dict, name: str) -> s
     return old.provenance["started"]
 
 
-def _tune_nuisance(driver: Driver, storage: str, study_name: str, study_record) -> dict[str, dict]:
+def _tune_nuisance(driver: Driver, storage: str, study_name: str, study_record,
+                   trial_figure: TrialFigure | None) -> dict[str, dict]:
     """Stage 1: per condition, `trials` Optuna trials (TPE or random) on validation accuracy.
 
     Each condition has its own Optuna study, `<study>.tune.<condition>`, so the sampler models
@@ -119,7 +122,8 @@ def _tune_nuisance(driver: Driver, storage: str, study_name: str, study_record) 
             cid = condition_id(condition)
             sampler = (optuna.samplers.TPESampler(n_startup_trials=max(2, spec.nuisance.trials // 2), seed=0)
                        if spec.nuisance.sampler == "tpe" else optuna.samplers.RandomSampler(seed=0))
-            store = Store(storage, names[cid], record, artifact_store(driver.results), sampler=sampler)
+            store = Store(storage, names[cid], record, artifact_store(driver.results), sampler=sampler,
+                          trial_figure=trial_figure)
             store.fail_stale()
             slots += [(i, condition, store) for i in range(left[cid])]
         slots.sort(key=lambda s: s[0])  # round-robin over conditions: each sampler learns as trials finish

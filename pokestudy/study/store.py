@@ -15,6 +15,7 @@ import tempfile
 import time
 import warnings
 from pathlib import Path
+from typing import Callable
 
 import optuna
 from optuna.artifacts import FileSystemArtifactStore, get_all_artifact_meta, upload_artifact
@@ -26,7 +27,8 @@ from pokestudy.study.record import StudyRecord, TrialRecord
 from pokestudy.study.spec import Work
 
 optuna.logging.set_verbosity(logging.WARNING)
-OBJECTIVE = "val_acc (last epoch)"  # the study's value: validation accuracy of the model as trained
+OBJECTIVE = "val_acc (last epoch)"
+TrialFigure = Callable[[TrialRecord, Path], Path]  # draws a finished trial (the report layer passes one in)  # the study's value: validation accuracy of the model as trained
 
 
 @functools.cache
@@ -109,8 +111,8 @@ class Store:
     """One Optuna study, written by the driver: trials opened, epochs reported, records told."""
 
     def __init__(self, url: str, study_name: str, record: StudyRecord, artifacts: FileSystemArtifactStore,
-                 sampler: optuna.samplers.BaseSampler | None = None):
-        self.storage, self.artifacts = storage(url), artifacts
+                 sampler: optuna.samplers.BaseSampler | None = None, trial_figure: TrialFigure | None = None):
+        self.storage, self.artifacts, self.trial_figure = storage(url), artifacts, trial_figure
         self.fixed = record.spec["fixed"]
         self.study = optuna.create_study(study_name=study_name, storage=self.storage, sampler=sampler,
                                          direction="maximize", load_if_exists=True)
@@ -171,19 +173,20 @@ class Store:
         self.storage.set_trial_system_attr(trial_id, TrialRecord.ATTR, record.attrs())
         for k, v in record.display().items():
             trial.set_user_attr(k, v)
-        self._attach(trial, "test_predictions.json", json.dumps(summary["test_predictions"]))
+        with tempfile.TemporaryDirectory() as tmp:
+            predictions = Path(tmp) / "test_predictions.json"
+            predictions.write_text(json.dumps(summary["test_predictions"]))
+            self._attach(trial, predictions, "application/json")
+            if self.trial_figure:
+                self._attach(trial, self.trial_figure(record, Path(tmp) / "curves.png"), "image/png")
         self._note(trial, record)
         self.study.tell(trial, final["val_acc"])
         return record
 
-    def _attach(self, trial: optuna.Trial, filename: str, text: str) -> None:
+    def _attach(self, trial: optuna.Trial, path: Path, mimetype: str) -> None:
         """Large per-trial data goes to the artifact store, not the user attributes that every
-        dashboard page load carries."""
-        with tempfile.TemporaryDirectory() as tmp:
-            path = Path(tmp) / filename
-            path.write_text(text)
-            upload_artifact(artifact_store=self.artifacts, file_path=str(path), study_or_trial=trial,
-                            mimetype="application/json")
+        dashboard page load carries (and only while the trial runs: Optuna freezes finished ones)."""
+        upload_artifact(artifact_store=self.artifacts, file_path=str(path), study_or_trial=trial, mimetype=mimetype)
 
     def _note(self, trial: optuna.Trial, record: TrialRecord) -> None:
         """The trial's own page in optuna-dashboard: what it is, and every epoch in %."""
