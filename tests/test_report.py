@@ -12,6 +12,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
+from pokestudy import UserError
 from pokestudy.study.record import TrialRecord
 from tests.conftest import pokestudy
 
@@ -176,3 +177,25 @@ def test_a_report_on_a_study_of_other_factors_names_its_own_factors(tmp_path: Pa
     assert "arch" not in summary and "augment" not in summary and "98" not in summary
     for png in ("curves", "gap", "tradeoff", "effects_over_epochs", "predictions"):
         assert (tmp_path / "custom" / f"{png}.png").stat().st_size > 5000
+
+
+@pytest.mark.fast
+def test_a_full_record_round_trips_through_sqlite_into_the_reports_frame(tmp_path: Path):
+    from pokestudy.report.tables import trials_frame
+    from pokestudy.study.record import StudyRecord
+
+    raw = {"name": "roundtrip", "data": {"source": "synthetic:classes=4,per_class=12,size=32", "res": 32},
+           "factors": {"arch": ["cnn", "resnet"]}, "seeds": [0, 1, 2], "fixed": {"width": 4}}
+    url, _ = _stored_study(tmp_path, raw, lambda c, s: (0.9, 0.5 + NOISE[s], s != 2))
+    study = optuna.load_study(study_name="roundtrip", storage=url)
+    df = trials_frame(study)
+    assert df.attrs["study"] == StudyRecord.from_study(study) and df.attrs["factors"] == ["arch"]
+    for t in study.trials:
+        r = TrialRecord.from_trial(t)
+        row = df[df["trial"] == t.number].iloc[0]
+        assert (row["arch"], row["seed"], row["converged"], row["epochs"]) == (r.condition["arch"], r.seed,
+                                                                                 r.converged, r.epochs)
+        assert {k: row[k] for k in r.final} == r.final and row["history"] == r.history
+        assert t.user_attrs == r.display() | {"key": r.key, "identity": r.identity}
+    with pytest.raises(UserError, match="has no pokestudy record"):
+        TrialRecord.from_trial(optuna.trial.create_trial(value=1.0))
