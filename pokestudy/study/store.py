@@ -160,7 +160,7 @@ class Store:
     def complete(self, work: Work, summary: dict) -> TrialRecord:
         trial = self.open.pop(work.key)
         final = summary["final"]
-        # per-epoch accuracies and gaps (4 digits): every dashboard load of the trial carries them
+        # per-epoch accuracies and gaps to 4 significant digits (finer than one image in 10,000): a small record
         history = {k: [float(f"{r[k]:.4g}") for r in summary["history"]] for k in final
                    if k.endswith(("_acc", "gap")) or k in ("lr", "train_acc_augmented")}
         record = TrialRecord(
@@ -195,9 +195,13 @@ class Store:
         own = {k: v for k, v in record.settings.items()
                if k not in (*self.fixed, *record.condition, "seed", "res")}  # what a level's bundle sets
         columns = ["lr", *[k for k in record.history if k.endswith(("_acc", "gap")) and not k.endswith("augmented")]]
-        rows = [f"| {e + 1} | " + " | ".join(f"{record.history[c][e]:.2g}" if c == "lr" else
-                                             f"{100 * record.history[c][e]:.1f}" for c in columns) + " |"
-                for e in range(record.epochs)]
+        pad = "\u2003"  # the dashboard's note tables have no cell padding
+
+        def row(cells: list[str]) -> str:
+            return "|" + "|".join(f"{pad}{c}{pad}" for c in cells) + "|"
+
+        rows = [row([str(e + 1), *(f"{record.history[c][e]:.2g}" if c == "lr" else f"{100 * record.history[c][e]:.1f}"
+                                   for c in columns)]) for e in range(record.epochs)]
         state = "converged (stopped by the plateau rule)" if record.converged else "not converged (reached the epoch cap)"
         save_note(trial, "\n".join([
             f"**{', '.join(f'{k}={v}' for k, v in record.condition.items())}**, seed {record.seed}: {state} "
@@ -205,7 +209,7 @@ class Store:
             "Settings of this condition (beyond the study's fixed ones): "
             + (", ".join(f"{k}={v}" for k, v in own.items()) or "none"), "",
             "Accuracy and gap in % per epoch:", "",
-            "| epoch | " + " | ".join(columns) + " |", "|" + "---|" * (len(columns) + 1), *rows]))
+            row(["epoch", *columns]), "|" + "---|" * (len(columns) + 1), *rows]))
 
     def fail(self, key: str, error: str) -> None:
         trial = self.open.pop(key)
