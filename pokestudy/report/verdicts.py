@@ -11,6 +11,8 @@ Labels, for the gap:
 - *equivalent within ±δ* — the interval lies inside ±δ (a TOST at the same family-wise level,
   conservatively, since the interval is 1 − α/m rather than 1 − 2α/m);
 - *inconclusive* — none of these.
+An interaction (how one factor's effect changes with another's level) that excludes 0 reads *the
+effect differs: narrower / wider gap*.
 `how` says what moved: a narrower gap with test accuracy that does not rise comes from fitting the
 training set less, not from generalising better.
 """
@@ -26,6 +28,7 @@ from pokestudy.study.spec import ReportSpec
 
 CLOSES, WIDENS, EQUIVALENT = "closes the gap", "widens the gap", "equivalent within ±{delta:g} points"
 INCONCLUSIVE, UNCONVERGED = "inconclusive", "inconclusive: not converged"
+INTERACTS = "the effect differs: {direction} gap"  # an interaction: the first factor's effect changes with the second
 
 
 @dataclass(frozen=True)
@@ -79,7 +82,7 @@ def verdicts(df: pd.DataFrame, report: ReportSpec) -> pd.DataFrame:
         gap, _, glo, ghi = interval(c.gap, confidence)
         test, _, tlo, thi = interval(c.test, confidence)
         rows.append({"kind": c.kind, "claim": c.name, "pairs": len(c.gap),
-                     "verdict": _label(glo, ghi, c.converged, len(c.gap), delta, report.delta),
+                     "verdict": _label(c.kind, glo, ghi, c.converged, len(c.gap), delta, report.delta),
                      "how": _how(gap, glo, ghi, tlo, thi), "gap_diff": gap, "gap_lo": glo, "gap_hi": ghi,
                      "test_acc_diff": test, "test_acc_lo": tlo, "test_acc_hi": thi})
     out = pd.DataFrame(rows)
@@ -87,15 +90,15 @@ def verdicts(df: pd.DataFrame, report: ReportSpec) -> pd.DataFrame:
     return out
 
 
-def _label(lo: float, hi: float, converged: bool, pairs: int, delta: float, delta_points: float) -> str:
+def _label(kind: str, lo: float, hi: float, converged: bool, pairs: int, delta: float, delta_points: float) -> str:
     if not converged:
         return UNCONVERGED
     if pairs < MIN_SEEDS or lo != lo:
         return f"{INCONCLUSIVE}: fewer than {MIN_SEEDS} pairs"
     if hi < 0:
-        return CLOSES
+        return CLOSES if kind != "interaction" else INTERACTS.format(direction="narrower")
     if lo > 0:
-        return WIDENS
+        return WIDENS if kind != "interaction" else INTERACTS.format(direction="wider")
     if -delta < lo and hi < delta:
         return EQUIVALENT.format(delta=delta_points)
     return INCONCLUSIVE
