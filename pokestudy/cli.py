@@ -46,7 +46,7 @@ def _train(args: argparse.Namespace) -> None:
 
     names = {f.name for f in fields(TrialConfig)}
     cfg = TrialConfig(**{k: v for k, v in vars(args).items() if k in names and v is not None})
-    data = prepare(args.data, cfg.res)
+    data = prepare(args.data, cfg.res, evals=_evals(args.eval))
     columns = ["epoch", "train_acc", "val_acc", "test_acc", "gap", *[f"{n}_acc" for n in data.sets if n not in
                                                                    ("train", "val", "test")], "images_per_s"]
     if not args.json:
@@ -73,6 +73,17 @@ def _train(args: argparse.Namespace) -> None:
               f"best val {best['val_acc']:.3f} at epoch {best['epoch']}")
 
 
+def _evals(pairs: list[str] | None) -> dict[str, str]:
+    """`--eval NAME=PATH`, repeated: outside evaluation sets."""
+    out = {}
+    for pair in pairs or []:
+        name, sep, path = pair.partition("=")
+        if not sep or not name or not path:
+            raise UserError(f"--eval {pair!r}: expected NAME=PATH, e.g. --eval kaggle=~/PokemonData")
+        out[name] = path
+    return out
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="pokestudy", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -93,6 +104,8 @@ def parser() -> argparse.ArgumentParser:
                        ("patience", int), ("lr-cuts", int), ("min-delta", float), ("warmup", int)]:
         t.add_argument(f"--{flag}", type=kind)
     t.add_argument("--optimizer")
+    t.add_argument("--eval", action="append", metavar="NAME=PATH",
+                   help="an outside evaluation set (a folder, one sub-folder per class); repeatable")
     t.add_argument("--device")
     t.add_argument("--json", action="store_true", help="one JSON object per epoch, then a final summary")
     t.set_defaults(func=_train)
@@ -101,6 +114,8 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--study", required=True, help="a shipped study's name (`pokestudy studies --available`) "
                                                   "or a path to a .yaml spec")
     r.add_argument("--data", help="override the spec's data source")
+    r.add_argument("--eval", action="append", metavar="NAME=PATH",
+                   help="an outside evaluation set (a folder, one sub-folder per class), evaluated every epoch; repeatable")
     r.add_argument("--address", help="an existing Ray cluster (default: a local Ray sized to this machine)")
     r.add_argument("--max-concurrent", type=int, help="at most this many trials at once")
     r.add_argument("--gpus-per-trial", type=float, help="GPU fraction per trial (overrides the spec)")
@@ -156,7 +171,8 @@ def _run(args: argparse.Namespace) -> int:
     study = spec.load(args.study)
     url = _storage_url(args)
     stored = runner.run_study(study, storage=url, results=args.results,
-                              study_name=args.study_name or study.name, data=args.data, address=args.address,
+                              study_name=args.study_name or study.name, data=args.data, evals=_evals(args.eval),
+                              address=args.address,
                               max_concurrent=args.max_concurrent, gpus_per_trial=args.gpus_per_trial,
                               restart=args.restart, verbose=args.verbose, trial_figure=_trial_figure)
     if not stored.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):

@@ -128,3 +128,42 @@ def test_the_fingerprint_follows_content_not_file_times(messy_folder: Path):
     assert load(str(messy_folder), 32).manifest["fingerprint"] == first
     path.write_bytes((messy_folder / "class2" / "4.jpg").read_bytes()[:-2] + b"\xff\xd9")
     assert load(str(messy_folder), 32).manifest["fingerprint"] != first
+
+
+def test_an_outside_evaluation_set_matches_classes_by_normalised_name(tmp_path: Path):
+    from tests.conftest import jpeg
+
+    train, outside = tmp_path / "train", tmp_path / "outside"
+    for c, name in enumerate(["Mr. Mime", "Pikachu", "Zubat"]):
+        (train / name).mkdir(parents=True)
+        for i in range(4):
+            (train / name / f"{i}.jpg").write_bytes(jpeg((60 * c, 200 - 50 * c, 90), seed=10 * c + i))
+    for folder, seeds in {"mr-mime": [101, 102], "MrMime": [103], "MR MIME": [104], "pikachu": [105],
+                          "Missingno": [106]}.items():
+        (outside / folder).mkdir(parents=True)
+        for s in seeds:
+            (outside / folder / f"{s}.jpg").write_bytes(jpeg((200, 100, 50), seed=s))
+    (outside / "pikachu" / "copy.jpg").write_bytes((train / "Pikachu" / "0.jpg").read_bytes())
+    data = prepare(str(train), 32, evals={"kaggle": str(outside)})
+    x, y = data.sets["kaggle"]
+    assert torch.bincount(y, minlength=3).tolist() == [4, 1, 0] and x.shape[1:] == (3, 32, 32)
+    info = data.manifest["evals"]["kaggle"]
+    assert info["unmatched"] == ["Missingno"] and info["copies_of_training_images"] == 1 and info["classes"] == 2
+    with pytest.raises(UserError, match="no class folder matches a training class"):
+        prepare(str(outside / "Missingno" / ".."), 32, evals={"other": str(train / "..")})
+    with pytest.raises(UserError, match="name 'test' is taken"):
+        prepare(str(train), 32, evals={"test": str(outside)})
+
+
+def test_train_reports_accuracy_and_gap_on_an_outside_set(tmp_path: Path, capsys):
+    from pokestudy.cli import main
+    from tests.conftest import jpeg
+
+    (tmp_path / "Class 001").mkdir()
+    (tmp_path / "Class 001" / "a.jpg").write_bytes(jpeg((10, 20, 30)))
+    code = main(["train", "--data", "synthetic:classes=3,per_class=12,size=32", "--arch", "cnn", "--res", "32",
+                 "--width", "4", "--epochs", "1", "--json", "--eval", f"kaggle={tmp_path}"])
+    out = capsys.readouterr()
+    assert code == 0, out.err
+    first = json.loads(out.out.splitlines()[0])
+    assert "kaggle_acc" in first and "kaggle_gap" in first

@@ -129,13 +129,48 @@ def _write(blob: dict, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def prepare(spec: str, res: int, split_seed: int = 0,
-            fractions: tuple[float, float, float] = (0.7, 0.15, 0.15)) -> Prepared:
-    """Load (or decode) the data and split it; the split depends only on the data and `split_seed`."""
+def prepare(spec: str, res: int, split_seed: int = 0, fractions: tuple[float, float, float] = (0.7, 0.15, 0.15),
+            evals: dict[str, str] | None = None) -> Prepared:
+    """Load (or decode) the data and split it; the split depends only on the data and `split_seed`.
+    `evals` adds outside evaluation sets: {name: folder in the ImageFolder layout}."""
     ds = load(spec, res)
     idx = split(ds.labels, ds.groups, fractions, split_seed)
     sets = {s: (ds.images[idx[s]], ds.labels[idx[s]]) for s in SPLITS}
     sets.update(ds.extras)
     manifest = {**ds.manifest, "data": spec, "cache": str(ds.path), "split_seed": split_seed, "fractions": list(fractions),
                 "splits": {s: len(idx[s]) for s in SPLITS}}
+    if evals:
+        manifest["evals"] = {}
+        for name, path in evals.items():
+            if name in sets:
+                raise UserError(f"evaluation set name {name!r} is taken; choose another than {', '.join(sets)}")
+            sets[name], manifest["evals"][name] = _outside(name, path, res, ds)
     return Prepared(sets=sets, classes=ds.classes, manifest=manifest)
+
+
+def normalise(name: str) -> str:
+    """Class names as people spell them: case, spaces and punctuation ignored (`Mr. Mime` = `mr-mime`)."""
+    return "".join(c for c in name.casefold() if c.isalnum())
+
+
+def _outside(name: str, path: str, res: int, train: Dataset) -> tuple[tuple[torch.Tensor, torch.Tensor], dict]:
+    """An outside evaluation set: its class folders matched to the training classes by normalised name;
+    unmatched folders and copies of training images (the same bytes) are left out and counted."""
+    ds = load(path, res)
+    ours = {normalise(c): i for i, c in enumerate(train.classes)}
+    mapping = {i: ours[normalise(c)] for i, c in enumerate(ds.classes) if normalise(c) in ours}
+    unmatched = [c for i, c in enumerate(ds.classes) if i not in mapping]
+    if not mapping:
+        raise UserError(f"evaluation set {name} ({path}): no class folder matches a training class "
+                        f"(e.g. {', '.join(ds.classes[:3])} vs {', '.join(train.classes[:3])}); "
+                        "folders are matched by name, ignoring case, spaces and punctuation")
+    seen = set(train.hashes)
+    keep = [i for i, (label, h) in enumerate(zip(ds.labels.tolist(), ds.hashes)) if label in mapping and h not in seen]
+    copies = sum(1 for label, h in zip(ds.labels.tolist(), ds.hashes) if label in mapping and h in seen)
+    if not keep:
+        raise UserError(f"evaluation set {name} ({path}) has no image left: every matched image is a copy of a "
+                        "training image")
+    labels = torch.tensor([mapping[int(ds.labels[i])] for i in keep], dtype=torch.long)
+    info = {"path": path, "fingerprint": ds.manifest["fingerprint"], "images": len(keep), "classes": len(set(mapping.values())),
+            "unmatched": unmatched, "copies_of_training_images": copies, "skipped": ds.manifest["skipped"]}
+    return (ds.images[keep], labels), info

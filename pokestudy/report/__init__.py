@@ -82,7 +82,7 @@ def _data_figures(url: str, study: optuna.Study, manifest: dict, df: pd.DataFram
     from pokestudy.data import prepare
 
     try:
-        data = prepare(manifest["data"], manifest["res"], manifest["split_seed"], tuple(manifest["fractions"]))
+        data = prepare(manifest["data"], manifest["res"], manifest["split_seed"], tuple(manifest["fractions"]))  # test split only
         store, trials = artifact_store(results), study.get_trials(deepcopy=False)
         predictions = pd.Series({n: json.loads(read_artifact(store, url, trials[n], "test_predictions.json"))
                                  for n in df["trial"]})

@@ -73,7 +73,10 @@ def write(name: str, generator: str, df: pd.DataFrame, table: pd.DataFrame, verd
               f"- data: {info.data['data']} at {info.data['res']} px, fingerprint {info.data['fingerprint']}; "
               f"{info.data['classes']} classes, {info.data['images']} images, {info.data['duplicates']} duplicates "
               f"removed, {len(info.data['conflicts'])} label conflicts dropped, {len(info.data['skipped'])} files skipped",
-              f"- splits: {info.data['splits']} (split seed {info.data['split_seed']}, whole groups only)", "",
+              f"- splits: {info.data['splits']} (split seed {info.data['split_seed']}, whole groups only)",
+              *[f"- outside evaluation set `{name}`: {e['path']}, {e['images']} images of {e['classes']} classes "
+                f"({e['copies_of_training_images']} copies of training images left out; unmatched folders: "
+                f"{', '.join(e['unmatched']) or 'none'})" for name, e in info.data.get("evals", {}).items()], "",
               "## Provenance", "", provenance_line(info.provenance), ""]
     if df.attrs["ignored"]:
         lines += [f"({df.attrs['ignored']} stored trials of another identity were left out.)", ""]

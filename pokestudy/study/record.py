@@ -103,6 +103,8 @@ def identity(spec: Study, manifest: dict[str, Any]) -> dict[str, Any]:
     """The study identity for this spec on this data; `digest` compares two of them."""
     data = {"source": manifest["data"], "fingerprint": manifest["fingerprint"], "res": manifest["res"],
             "split_seed": manifest["split_seed"], "fractions": manifest["fractions"]}
+    if "evals" in manifest:  # only when there are any, so studies without them keep their identity
+        data["evals"] = {name: e["fingerprint"] for name, e in manifest["evals"].items()}
     same = {"design": spec.design(), "data": {k: v for k, v in data.items() if k != "source"}}
     return {"digest": digest(same), "design": spec.design(), "data": data}
 
@@ -115,7 +117,8 @@ def differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
         out.append(f"data: {o['source']} → {n['source']}")
     elif o["fingerprint"] != n["fingerprint"]:
         out.append(f"data files changed (fingerprint {o['fingerprint']} → {n['fingerprint']})")
-    out += [f"data.{k}: {o[k]} → {n[k]}" for k in ("res", "split_seed", "fractions") if o[k] != n[k]]
+    out += [f"data.{k}: {o.get(k, '(none)')} → {n.get(k, '(none)')}" for k in ("res", "split_seed", "fractions", "evals")
+            if o.get(k) != n.get(k)]
     flat_old, flat_new = _flatten(old["design"]), _flatten(new["design"])
     for k in sorted(set(flat_old) | set(flat_new)):
         if flat_old.get(k, "(none)") != flat_new.get(k, "(none)"):

@@ -27,6 +27,7 @@ from pokestudy.study.store import (Store, TrialFigure, archive, artifact_store, 
 
 
 def run_study(spec: Study, *, storage: str, results: Path, study_name: str, data: str | None = None,
+              evals: dict[str, str] | None = None,
               address: str | None = None, max_concurrent: int | None = None, gpus_per_trial: float | None = None,
               restart: bool = False, verbose: bool = False, trial_figure: TrialFigure | None = None) -> optuna.Study:
     """Run every trial of `spec` not yet COMPLETE in the storage; returns the Optuna study to report.
@@ -40,7 +41,8 @@ def run_study(spec: Study, *, storage: str, results: Path, study_name: str, data
     check_address(address)
     lock = _lock(results, f"{storage}|{study_name}")
     try:
-        prepared = prepare(data or spec.data.source, spec.data.res, spec.data.split_seed, spec.data.fractions)
+        prepared = prepare(data or spec.data.source, spec.data.res, spec.data.split_seed, spec.data.fractions,
+                           {**spec.data.eval, **(evals or {})})
         identity = records.identity(spec, prepared.manifest)
         stored = find_study(storage, study_name)
         if stored is not None and restart:

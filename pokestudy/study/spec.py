@@ -37,6 +37,7 @@ class DataSpec(Strict):
     res: int = Field(64, ge=MIN_RES, le=MAX_RES)
     split_seed: int = 0
     fractions: tuple[float, float, float] = (0.7, 0.15, 0.15)
+    eval: dict[str, str] = {}  # outside evaluation sets: {name: folder in the ImageFolder layout}
 
     @field_validator("fractions")
     @classmethod
