@@ -19,10 +19,12 @@ from tests.conftest import pokestudy
 
 @pytest.fixture(scope="module")
 def report(smoke_run, tmp_path_factory) -> Path:
-    """`pokestudy report` on a *copy* of the smoke study's database, as a user would run it."""
+    """`pokestudy report` on a *copy* of the smoke study's results folder (database and artifact store),
+    as a user would run it."""
     url, results = smoke_run
     copy = tmp_path_factory.mktemp("copy")
     shutil.copy(results / "pokestudy.db", copy / "pokestudy.db")
+    shutil.copytree(results / ".artifacts", copy / ".artifacts")
     out = pokestudy("report", "--study", "smoke", "--results", str(copy))
     assert out.returncode == 0, out.stderr
     return copy / "smoke"

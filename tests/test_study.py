@@ -24,7 +24,8 @@ SMOKE = yaml.safe_load(spec.available()["smoke"])
 
 
 def write_spec(tmp_path: Path, **changes) -> Path:
-    raw = {**SMOKE, **changes}
+    """The smoke spec with `changes`; with other factors, without its report block (which names smoke's)."""
+    raw = {**{k: v for k, v in SMOKE.items() if k != "report" or "factors" not in changes}, **changes}
     path = tmp_path / f"{raw['name']}.yaml"
     path.write_text(yaml.safe_dump(raw))
     return path

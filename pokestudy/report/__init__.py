@@ -42,10 +42,12 @@ def build(url: str, name: str, results: Path, formats: tuple[str, ...], generato
         written += tables.export(tuning, out, "tuning", formats)
     pngs = [figures.curves(df, out), figures.gaps(table, spec.report.reference, out), figures.tradeoff(table, out),
             figures.effects_over_epochs(df, out), *_data_figures(url, study, info.data, df, results)]
+    pngs = [p for p in pngs if p is not None]
     text = summary.write(name, generator, df, table, claims, tuning, {p.name: p.name for p in pngs})
     (out / "summary.md").write_text(text)
     _publish(url, study, results, pngs, lambda links: summary.write(name, generator, df, table, claims, tuning, links, padded=True))
-    print(tables.readable(claims)[["claim", "verdict", "gap", "test_acc"]].to_string(index=False))
+    print(tables.readable(claims)[["claim", "verdict", "gap", "test_acc"]].to_string(index=False) if len(claims)
+          else "no claims: every factor of this study has a single level")
     print(f"\nwritten to {out}/: {', '.join(p.name for p in [*written, *pngs])}, summary.md", file=sys.stderr)
     return out
 

@@ -109,11 +109,15 @@ def tradeoff(table: pd.DataFrame, out: Path) -> Path:
     return _save(fig, out / "tradeoff.png")
 
 
-def effects_over_epochs(df: pd.DataFrame, out: Path) -> Path:
+def effects_over_epochs(df: pd.DataFrame, out: Path) -> Path | None:
     """The paired difference in gap between each factor's levels, epoch by epoch, with its 95% CI band:
     an effect that shrinks to 0 by the end only delayed the gap; one that stays away from 0 moved it."""
     factors = df.attrs["factors"]
-    pairs = [(f, level, list(dict.fromkeys(df[f]))[0]) for f in factors for level in list(dict.fromkeys(df[f]))[1:]]
+    levels = {f: [str(v) for v in ls] for f, ls in df.attrs["study"].study.factors.items()}
+    pairs = [(f, level, ls[0]) for f, ls in levels.items() for level in ls[1:]
+             if {level, ls[0]} <= set(df[f])]  # levels with finished trials (a running study may lack some)
+    if not pairs:
+        return None
     cols = min(3, len(pairs))
     rows = -(-len(pairs) // cols)
     fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 2.8 * rows), squeeze=False, sharex=True)

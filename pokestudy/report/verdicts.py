@@ -41,31 +41,37 @@ class Claim:
 
 
 def claims(df: pd.DataFrame, report: ReportSpec) -> list[Claim]:
-    """The study's family of claims, from its factors and its `report:` block."""
+    """The study's family of claims, from its factors (in the spec's level order) and its `report:` block.
+    The family is fixed by the spec, so a study still running makes the same claims, some not yet run."""
+    levels = {f: [str(v) for v in ls] for f, ls in df.attrs["study"].study.factors.items()}
     out = []
-    for factor in df.attrs["factors"]:
-        levels = list(dict.fromkeys(df[factor]))
-        out += [_contrast(df, "effect", factor, level, levels[0]) for level in levels[1:]]
+    for factor, ls in levels.items():
+        out += [_contrast(df, "effect", factor, level, ls[0]) for level in ls[1:]]
     out += [_contrast(df, "contrast", c.factor, c.level, c.reference) for c in report.contrasts]
     for first, second in report.interactions:
-        a, b = list(dict.fromkeys(df[first])), list(dict.fromkeys(df[second]))
+        a, b = levels[first], levels[second]
         out += [_interaction(df, first, second, (a[0], la), (b[0], lb)) for la in a[1:] for lb in b[1:]]
     return out
 
 
 def _contrast(df: pd.DataFrame, kind: str, factor: str, level: str, reference: str) -> Claim:
     rows = df[df[factor].isin([level, reference])]
-    return Claim(kind, f"{factor}={level} vs {reference}", paired(df, factor, "gap", level, reference),
-                 paired(df, factor, "test_acc", level, reference), bool(rows["converged"].all()))
+    ran = {level, reference} <= set(rows[factor])
+    gap, test = ((paired(df, factor, m, level, reference) for m in ("gap", "test_acc")) if ran else
+                 (pd.Series(dtype=float), pd.Series(dtype=float)))
+    return Claim(kind, f"{factor}={level} vs {reference}", gap, test, bool(rows["converged"].all()))
 
 
 def _interaction(df: pd.DataFrame, first: str, second: str, a: tuple[str, str], b: tuple[str, str]) -> Claim:
     """How the effect of `first` (a[1] − a[0]) changes from second=b[0] to second=b[1]."""
     rest = [c for c in df.attrs["factors"] if c not in (first, second)]
     rows = df[df[first].isin(a) & df[second].isin(b)]
+    cells = [(x, y) for x in a for y in b]
 
     def diff(metric: str) -> pd.Series:
         wide = rows.pivot_table(index=[*rest, "seed"], columns=[first, second], values=metric)
+        if not set(cells) <= set(wide.columns):
+            return pd.Series(dtype=float)  # a cell has no finished trial yet
         return ((wide[(a[1], b[1])] - wide[(a[0], b[1])]) - (wide[(a[1], b[0])] - wide[(a[0], b[0])])).dropna()
 
     name = f"({first}={a[1]} − {a[0]}) at {second}={b[1]} vs {b[0]}"
@@ -85,12 +91,15 @@ def verdicts(df: pd.DataFrame, report: ReportSpec) -> pd.DataFrame:
                      "verdict": _label(c.kind, glo, ghi, c.converged, len(c.gap), delta, report.delta),
                      "how": _how(gap, glo, ghi, tlo, thi), "gap_diff": gap, "gap_lo": glo, "gap_hi": ghi,
                      "test_acc_diff": test, "test_acc_lo": tlo, "test_acc_hi": thi})
-    out = pd.DataFrame(rows)
+    out = pd.DataFrame(rows, columns=["kind", "claim", "pairs", "verdict", "how", "gap_diff", "gap_lo", "gap_hi",
+                                      "test_acc_diff", "test_acc_lo", "test_acc_hi"])
     out.attrs.update(claims=len(family), confidence=confidence)
     return out
 
 
 def _label(kind: str, lo: float, hi: float, converged: bool, pairs: int, delta: float, delta_points: float) -> str:
+    if pairs == 0:
+        return f"{INCONCLUSIVE}: not run yet"
     if not converged:
         return UNCONVERGED
     if pairs < MIN_SEEDS or lo != lo:
