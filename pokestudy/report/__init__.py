@@ -14,12 +14,13 @@ from typing import Callable
 
 import optuna
 import pandas as pd
+from optuna.trial import TrialState
 from optuna.artifacts import get_all_artifact_meta, upload_artifact
 from optuna.artifacts.exceptions import ArtifactNotFound
 
 from pokestudy import UserError
 from pokestudy.report import figures, summary, tables, verdicts
-from pokestudy.study.record import TrialRecord
+from pokestudy.study.record import StudyRecord, TrialRecord
 from pokestudy.study.spec import Range, Study, condition_id
 from pokestudy.study.store import artifact_store, find_study, open_study, read_artifact, storage
 
@@ -46,7 +47,7 @@ def build(url: str, name: str, results: Path, formats: tuple[str, ...], generato
     text = summary.write(name, generator, df, table, claims, tuning, {p.name: p.name for p in pngs})
     (out / "summary.md").write_text(text)
     _publish(url, study, results, pngs, lambda links: summary.write(name, generator, df, table, claims, tuning, links, padded=True))
-    print(tables.readable(claims)[["claim", "verdict", "gap", "test_acc"]].to_string(index=False) if len(claims)
+    print(tables.readable(claims)[["claim", "verdict", "gap", "test"]].to_string(index=False) if len(claims)
           else "no claims: every factor of this study has a single level")
     print(f"\nwritten to {out}/: {', '.join(p.name for p in [*written, *pngs])}, summary.md", file=sys.stderr)
     return out
@@ -132,6 +133,10 @@ def _publish(url: str, study: optuna.Study, results: Path, pngs: list[Path], not
                                                    mimetype="image/png")
     study_id = storage(url).get_study_id_from_name(study.study_name)
     save_note(study, note({p.name: f"/artifacts/{study_id}/{published[p.name]}" for p in pngs}))
+    fixed = StudyRecord.from_study(study).spec["fixed"]
+    for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):  # each trial's page, current format
+        trial_id = storage(url).get_trial_id_from_study_id_trial_number(study_id, t.number)
+        save_note(optuna.Trial(study, trial_id), TrialRecord.from_trial(t).note(fixed))
 
 
 def trial_figure(record: TrialRecord, path: Path) -> Path:

@@ -98,7 +98,7 @@ def tradeoff(table: pd.DataFrame, out: Path) -> Path:
         x, y = 100 * r["gap_mean"], 100 * r["test_acc_mean"]
         xerr = [[x - 100 * r["gap_lo"]], [100 * r["gap_hi"] - x]] if r["gap_lo"] == r["gap_lo"] else None
         yerr = [[y - 100 * r["test_acc_lo"]], [100 * r["test_acc_hi"] - y]] if r["test_acc_lo"] == r["test_acc_lo"] else None
-        ax.errorbar(x, y, xerr=xerr, yerr=yerr, fmt="o", color=f"C{i % 10}", capsize=3,
+        ax.errorbar(x, y, xerr=xerr, yerr=yerr, fmt="os^D"[i // 10 % 4], color=plt.cm.tab10(i % 10), capsize=3,
                     mfc="white" if r["converged"] != "yes" else None,
                     label=", ".join(str(r[f]) for f in factors) + ("" if r["converged"] == "yes" else " (not converged)"))
     ax.set_xlabel("gap: train − test (points)")

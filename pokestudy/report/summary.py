@@ -31,7 +31,7 @@ def write(name: str, generator: str, df: pd.DataFrame, table: pd.DataFrame, verd
     def md(t: pd.DataFrame) -> str:
         t = readable(t)
         if padded:
-            t = t.astype(str).map(lambda v: f"\u2003{v}\u2003").rename(columns=lambda c: f"\u2003{c}\u2003")
+            t = t.astype(str).map(lambda v: f"\u2002{v}\u2002").rename(columns=lambda c: f"\u2002{c}\u2002")
         return t.to_markdown(index=False)
 
     info: StudyRecord = df.attrs["study"]

@@ -92,7 +92,8 @@ def _real(lo: float, hi: float, seeds: int, converged: bool) -> str:
 
 
 def readable(table: pd.DataFrame) -> pd.DataFrame:
-    """Any of our tables as people read it: accuracies in %, `mean ± CI half-width` for levels,
+    """Any of our tables as people read it: accuracies in % (named by their set: `train`, `test`, …),
+    `mean ± CI half-width` for levels,
     `difference [CI]` for differences; the separate sd / bound columns are folded in. Without an
     interval (too few seeds) the cell says so."""
     out = pd.DataFrame(index=table.index)
@@ -106,10 +107,10 @@ def readable(table: pd.DataFrame) -> pd.DataFrame:
         scale = 1 if stem in ("epochs", "best_epoch") else 100
         lo, hi = table[f"{stem}_lo"], table[f"{stem}_hi"]
         if kind == "mean":
-            out[stem] = [f"{scale * v:.1f} ± {scale * (b - a) / 2:.1f}" if a == a else f"{scale * v:.1f} (no CI)"
+            out[stem.removesuffix("_acc")] = [f"{scale * v:.1f} ± {scale * (b - a) / 2:.1f}" if a == a else f"{scale * v:.1f} (no CI)"
                          for v, a, b in zip(table[col], lo, hi)]
         else:
-            out[stem] = [f"{scale * v:+.1f} [{scale * a:+.1f}, {scale * b:+.1f}]" if a == a else f"{scale * v:+.1f} (no CI)"
+            out[stem.removesuffix("_acc")] = [f"{scale * v:+.1f} [{scale * a:+.1f}, {scale * b:+.1f}]" if a == a else f"{scale * v:+.1f} (no CI)"
                          for v, a, b in zip(table[col], lo, hi)]
     return out
 

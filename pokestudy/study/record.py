@@ -70,6 +70,28 @@ class TrialRecord:
     def attrs(self) -> dict[str, Any]:
         return asdict(self)
 
+    def note(self, fixed: dict[str, Any]) -> str:
+        """The trial's page in optuna-dashboard: what it is, what its condition sets beyond the study's
+        `fixed` settings, and every epoch's accuracy and gap in % (a fixed-width block: compact, and
+        aligned by any Markdown renderer)."""
+        own = {k: v for k, v in self.settings.items() if k not in (*fixed, *self.condition, "seed", "res")}
+        columns = ["lr", *[k for k in self.history if k.endswith(("_acc", "gap")) and not k.endswith("augmented")]]
+        names = [c.removesuffix("_acc") for c in columns]
+        width = max(7, *map(len, names))
+
+        def row(cells: list[str]) -> str:
+            return "".join(f"{c:>{width}}" for c in cells)
+
+        rows = [row([str(e + 1), *(f"{self.history[c][e]:.0e}" if c == "lr" else f"{100 * self.history[c][e]:.1f}"
+                                   for c in columns)]) for e in range(self.epochs)]
+        state = "converged (stopped by the plateau rule)" if self.converged else "not converged (reached the epoch cap)"
+        return "\n".join([
+            f"**{', '.join(f'{k}={v}' for k, v in self.condition.items())}**, seed {self.seed}: {state} "
+            f"after {self.epochs} epochs ({self.seconds:.0f} s)", "",
+            "Settings of this condition (beyond the study's fixed ones): "
+            + (", ".join(f"{k}={v}" for k, v in own.items()) or "none"), "",
+            "Accuracy and gap in % per epoch:", "", "```", row(["epoch", *names]), *rows, "```"])
+
     def display(self) -> dict[str, Any]:
         """What a person scanning trials in optuna-dashboard wants, each short enough for one line."""
         shown = {k: round(v, 4) for k, v in self.final.items() if k.endswith(("_acc", "gap")) and "augmented" not in k}

@@ -189,27 +189,10 @@ class Store:
         upload_artifact(artifact_store=self.artifacts, file_path=str(path), study_or_trial=trial, mimetype=mimetype)
 
     def _note(self, trial: optuna.Trial, record: TrialRecord) -> None:
-        """The trial's own page in optuna-dashboard: what it is, and every epoch in %."""
+        """The trial's own page in optuna-dashboard (the report rewrites it in the current format)."""
         from optuna_dashboard import save_note
 
-        own = {k: v for k, v in record.settings.items()
-               if k not in (*self.fixed, *record.condition, "seed", "res")}  # what a level's bundle sets
-        columns = ["lr", *[k for k in record.history if k.endswith(("_acc", "gap")) and not k.endswith("augmented")]]
-        pad = "\u2003"  # the dashboard's note tables have no cell padding
-
-        def row(cells: list[str]) -> str:
-            return "|" + "|".join(f"{pad}{c}{pad}" for c in cells) + "|"
-
-        rows = [row([str(e + 1), *(f"{record.history[c][e]:.2g}" if c == "lr" else f"{100 * record.history[c][e]:.1f}"
-                                   for c in columns)]) for e in range(record.epochs)]
-        state = "converged (stopped by the plateau rule)" if record.converged else "not converged (reached the epoch cap)"
-        save_note(trial, "\n".join([
-            f"**{', '.join(f'{k}={v}' for k, v in record.condition.items())}**, seed {record.seed}: {state} "
-            f"after {record.epochs} epochs ({record.seconds:.0f} s)", "",
-            "Settings of this condition (beyond the study's fixed ones): "
-            + (", ".join(f"{k}={v}" for k, v in own.items()) or "none"), "",
-            "Accuracy and gap in % per epoch:", "",
-            row(["epoch", *columns]), "|" + "---|" * (len(columns) + 1), *rows]))
+        save_note(trial, record.note(self.fixed))
 
     def fail(self, key: str, error: str) -> None:
         trial = self.open.pop(key)
