@@ -90,13 +90,14 @@ class TrialConfig:
 
 
 _KINDS = {f.name: {"int": int, "float": (int, float), "str": str}[f.type.split(" |")[0]] for f in fields(TrialConfig)}
+_KIND_NAMES = {int: "an integer", (int, float): "a number", str: "a string"}
 
 
 class Plateau:
     """The learning-rate schedule and the stopping rule in one place, so they cannot disagree.
 
-    `step()` gives the factor for the next optimizer step (warm-up); `epoch_end()` reads the
-    epoch's clean train and validation accuracy and says whether to stop.
+    `factor()` gives the learning-rate factor for the next optimizer step (warm-up, then the cuts);
+    `epoch_end()` reads the epoch's clean train and validation accuracy and says whether to stop.
     """
 
     def __init__(self, cfg: TrialConfig, steps_per_epoch: int):
@@ -124,7 +125,6 @@ class Plateau:
             return False
         self.converged = True
         return True
-_KIND_NAMES = {int: "an integer", (int, float): "a number", str: "a string"}
 
 
 def resolve_device(name: str) -> torch.device:
