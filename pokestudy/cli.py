@@ -218,16 +218,17 @@ def _studies(args: argparse.Namespace) -> None:
     summaries = optuna.get_all_study_summaries(storage(url), include_best_trial=False)
     if not summaries:
         print(f"no studies in {url}; start one with `pokestudy run --study overfit`")
+    width = max((len(s.study_name) for s in summaries), default=0) + 2
     for s in summaries:
         study = optuna.load_study(study_name=s.study_name, storage=storage(url))
         counts: dict[str, int] = {}
         for t in study.get_trials(deepcopy=False):
             counts[t.state.name] = counts.get(t.state.name, 0) + 1
-        print(f"{s.study_name:<16} {s.n_trials:>4} trials  " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
+        print(f"{s.study_name:<{width}}{s.n_trials:>4} trials  " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
         try:
-            print(f"{'':<16} {provenance_line(StudyRecord.from_study(study).provenance)}")
+            print(f"{'':<{width}}{provenance_line(StudyRecord.from_study(study).provenance)}")
         except RecordError:
-            print(f"{'':<16} (no pokestudy record: made by another tool or version)")
+            print(f"{'':<{width}}(no pokestudy record: made by another tool or version)")
 
 
 def _bench(args: argparse.Namespace) -> None:
