@@ -80,7 +80,7 @@ class TrialRecord:
         width = max(7, *map(len, names))
 
         def row(cells: list[str]) -> str:
-            return "".join(f"{c:>{width}}" for c in cells)
+            return " ".join(f"{c:>{width}}" for c in cells)
 
         rows = [row([str(e + 1), *(f"{self.history[c][e]:.0e}" if c == "lr" else f"{100 * self.history[c][e]:.1f}"
                                    for c in columns)]) for e in range(self.epochs)]
