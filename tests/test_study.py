@@ -150,6 +150,7 @@ def test_nuisance_tuning_then_seeds_rerun_each_conditions_best_setting(tmp_path:
         tuning = optuna.load_study(study_name=f"tiny-tune.tune.arch=cnn,augment={augment}", storage=url)
         assert len(tuning.trials) == 3
         assert {t.state for t in tuning.trials} <= {TrialState.COMPLETE, TrialState.PRUNED}
+        assert any(t.state == TrialState.COMPLETE for t in tuning.trials), "ASHA compares within a condition"
         best_lr = tuning.best_trial.params["lr"]
         assert 0.001 <= best_lr <= 0.1
         final = [t for t in optuna.load_study(study_name="tiny-tune", storage=url).trials

@@ -101,8 +101,10 @@ def _tune_nuisance(driver: Driver, storage: str, study_name: str, study_record,
                    trial_figure: TrialFigure | None) -> dict[str, dict]:
     """Stage 1: per condition, `trials` Optuna trials (TPE or random) on validation accuracy.
 
-    Each condition has its own Optuna study, `<study>.tune.<condition>`, so the sampler models
-    one condition at a time. Returns each condition's best nuisance values for the seeded stage.
+    Each condition has its own Optuna study, `<study>.tune.<condition>`, and its own Tune run, so
+    the sampler models one condition at a time and ASHA compares a trial only with trials of its
+    own condition (one scheduler across conditions stopped every slow-learning augmented trial at
+    the first rung). Returns each condition's best nuisance values for the seeded stage.
     """
     spec = driver.spec
     names = {condition_id(c): f"{study_name}.tune.{condition_id(c)}" for c in spec.conditions()}
@@ -118,22 +120,21 @@ def _tune_nuisance(driver: Driver, storage: str, study_name: str, study_record,
     if any(n > 0 for n in left.values()):
         driver.start_ray()
         record = study_record()
-        owner: dict[str, Store] = {}
-        slots: list[tuple[int, dict, Store]] = []
-        for condition in spec.conditions():
+        print(f"study {study_name}: tuning {', '.join(spec.nuisance.params)} with {spec.nuisance.trials} trials "
+              f"per condition, {total - sum(left.values())} already done", file=sys.stderr)
+        progress = Progress(total, total - sum(left.values()))
+        for index, condition in enumerate(spec.conditions()):
             cid = condition_id(condition)
+            if left[cid] <= 0:
+                continue
             sampler = (optuna.samplers.TPESampler(n_startup_trials=max(2, spec.nuisance.trials // 2), seed=0)
                        if spec.nuisance.sampler == "tpe" else optuna.samplers.RandomSampler(seed=0))
             store = Store(storage, names[cid], record, artifact_store(driver.results), sampler=sampler,
                           trial_figure=trial_figure)
             store.fail_stale()
-            slots += [(i, condition, store) for i in range(left[cid])]
-        slots.sort(key=lambda s: s[0])  # round-robin over conditions: each sampler learns as trials finish
-        print(f"study {study_name}: tuning {', '.join(spec.nuisance.params)} with {spec.nuisance.trials} trials "
-              f"per condition, {total - len(slots)} already done", file=sys.stderr)
-        searcher = asker([(c, s) for _, c, s in slots], spec, owner, spec.resources.cpus)
-        driver.fit(owner, Progress(total, total - len(slots)), f"{study_name}-tune", searcher=searcher,
-                   samples=len(slots))
+            owner: dict[str, Store] = {}
+            searcher = asker([(condition, store)] * left[cid], spec, owner, spec.resources.cpus)
+            driver.fit(owner, progress, f"{study_name}-tune{index}", searcher=searcher, samples=left[cid])
     best = {}
     for cid, name in names.items():
         study = find_study(storage, name)
