@@ -44,11 +44,9 @@ def run_study(spec: Study, *, storage: str, results: Path, study_name: str, data
         prepared = prepare(data or spec.data.source, spec.data.res, spec.data.split_seed, spec.data.fractions,
                            {**spec.data.eval, **(evals or {})})
         identity = records.identity(spec, prepared.manifest)
+        if restart and (kept := archive(storage, study_name)):  # the study, or only its tuning stage
+            print(f"study {study_name}: kept the stored one as {kept}; starting over", file=sys.stderr)
         stored = find_study(storage, study_name)
-        if stored is not None and restart:
-            print(f"study {study_name}: kept the stored one as {archive(storage, study_name)}; starting over",
-                  file=sys.stderr)
-            stored = None
         started = _check_identity(stored, identity, study_name)
         driver = Driver(spec, prepared, results, address, max_concurrent, gpus_per_trial, verbose)
         tuned = tuple(spec.nuisance.params) if spec.nuisance else ()

@@ -81,8 +81,9 @@ def finished_keys(url: str, name: str, identity: str) -> set[str]:
     return {r.key for r in records if r.identity == identity}
 
 
-def archive(url: str, name: str) -> str:
-    """Keep a study (and its tuning studies) under a new name, `NAME.archived-TIME`, and free NAME."""
+def archive(url: str, name: str) -> str | None:
+    """Keep a study and its tuning studies under new names, `NAME.archived-TIME…`, freeing NAME;
+    returns the new name, or None when there was nothing to keep."""
     stamp = time.strftime("%Y%m%d-%H%M%S")
     names = [s.study_name for s in optuna.get_all_study_summaries(storage(url), include_best_trial=False)
              if s.study_name == name or s.study_name.startswith(f"{name}.tune.")]
@@ -90,7 +91,7 @@ def archive(url: str, name: str) -> str:
         new = old.replace(name, f"{name}.archived-{stamp}", 1)
         optuna.copy_study(from_study_name=old, from_storage=storage(url), to_storage=storage(url), to_study_name=new)
         optuna.delete_study(study_name=old, storage=storage(url))
-    return f"{name}.archived-{stamp}"
+    return f"{name}.archived-{stamp}" if names else None
 
 
 def grid_distributions(plan: list[Work], tuned: tuple[str, ...] = ()) -> dict[str, BaseDistribution]:
