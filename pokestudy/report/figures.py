@@ -85,7 +85,7 @@ def gaps(table: pd.DataFrame, reference: Reference | None, out: Path) -> Path:
     ax.set_yticks(y, labels, fontsize=8)
     ax.invert_yaxis()
     ax.set_xlabel("gap (accuracy points), 95% CI over seeds")
-    ax.legend(fontsize=8, loc="lower right")
+    ax.legend(fontsize=8, loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=2, frameon=False)
     return _save(fig, out / "gap.png")
 
 
