@@ -113,7 +113,7 @@ def effects_over_epochs(df: pd.DataFrame, out: Path) -> Path | None:
     """The paired difference in gap between each factor's levels, epoch by epoch, with its 95% CI band:
     an effect that shrinks to 0 by the end only delayed the gap; one that stays away from 0 moved it."""
     factors = df.attrs["factors"]
-    levels = {f: [str(v) for v in ls] for f, ls in df.attrs["study"].study.factors.items()}
+    levels = df.attrs["study"].study.levels()
     pairs = [(f, level, ls[0]) for f, ls in levels.items() for level in ls[1:]
              if {level, ls[0]} <= set(df[f])]  # levels with finished trials (a running study may lack some)
     if not pairs:

@@ -43,7 +43,7 @@ class Claim:
 def claims(df: pd.DataFrame, report: ReportSpec) -> list[Claim]:
     """The study's family of claims, from its factors (in the spec's level order) and its `report:` block.
     The family is fixed by the spec, so a study still running makes the same claims, some not yet run."""
-    levels = {f: [str(v) for v in ls] for f, ls in df.attrs["study"].study.factors.items()}
+    levels = df.attrs["study"].study.levels()
     out = []
     for factor, ls in levels.items():
         out += [_contrast(df, "effect", factor, level, ls[0]) for level in ls[1:]]

@@ -22,7 +22,7 @@ from typing import Any, ClassVar
 import optuna
 
 from pokestudy import UserError, __version__
-from pokestudy.study.spec import Study, digest
+from pokestudy.study.spec import Study, condition_id, digest
 
 PACKAGES = ("torch", "torchvision", "ray", "optuna", "optuna-dashboard")
 
@@ -95,7 +95,7 @@ class TrialRecord:
     def display(self) -> dict[str, Any]:
         """What a person scanning trials in optuna-dashboard wants, each short enough for one line."""
         shown = {k: round(v, 4) for k, v in self.final.items() if k.endswith(("_acc", "gap")) and "augmented" not in k}
-        return {"condition": ",".join(f"{k}={v}" for k, v in self.condition.items()), "seed": self.seed,
+        return {"condition": condition_id(self.condition), "seed": self.seed,
                 "converged": self.converged, "epochs": self.epochs, **shown}
 
 

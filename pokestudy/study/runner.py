@@ -57,7 +57,7 @@ def run_study(spec: Study, *, storage: str, results: Path, study_name: str, data
                 spec=spec.model_dump(mode="json"), identity=identity, data=prepared.manifest,
                 provenance=records.provenance(prepared.manifest, spec.resources.cpus, started, driver.cluster()))
 
-        best = _tune_nuisance(driver, storage, study_name, study_record, trial_figure) if tuned else None
+        best = _tune_nuisance(driver, storage, study_name, identity, study_record, trial_figure) if tuned else None
         plan = spec.trials(best)
         done = finished_keys(storage, study_name, identity["digest"])
         todo = [w for w in plan if w.key not in done]
@@ -95,7 +95,7 @@ def _check_identity(stored: optuna.Study | None, identity: dict, name: str) -> s
     return old.provenance["started"]
 
 
-def _tune_nuisance(driver: Driver, storage: str, study_name: str, study_record,
+def _tune_nuisance(driver: Driver, storage: str, study_name: str, identity: dict, study_record,
                    trial_figure: TrialFigure | None) -> dict[str, dict]:
     """Stage 1: per condition, `trials` Optuna trials (TPE or random) on validation accuracy.
 
@@ -106,7 +106,6 @@ def _tune_nuisance(driver: Driver, storage: str, study_name: str, study_record,
     """
     spec = driver.spec
     names = {condition_id(c): f"{study_name}.tune.{condition_id(c)}" for c in spec.conditions()}
-    identity = study_record().identity
     left: dict[str, int] = {}
     for cid, name in names.items():
         stored = find_study(storage, name)

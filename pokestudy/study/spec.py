@@ -139,7 +139,7 @@ class Study(Strict):
             raise ValueError(f"{', '.join(sorted(tuned & set(self.fixed)))} is both fixed and tuned; keep one")
         for cond in self.conditions():
             TrialConfig.from_dict(self.settings(cond))
-        levels = {f: [str(v) for v in ls] for f, ls in self.factors.items()}
+        levels = self.levels()
         for c in self.report.contrasts:
             if c.factor not in levels or {c.level, c.reference} - set(levels[c.factor]):
                 raise ValueError(f"report contrast {c.factor}={c.level} vs {c.reference} names no factor level of this study")
@@ -148,10 +148,13 @@ class Study(Strict):
                 raise ValueError(f"report interaction {' x '.join(pair)} needs two different factors of this study")
         return self
 
+    def levels(self) -> dict[str, list[str]]:
+        """Each factor's level names, in the spec's order (the first is the reference)."""
+        return {f: [str(level) for level in levels] for f, levels in self.factors.items()}
+
     def conditions(self) -> list[dict[str, str]]:
         """The full grid: one dict {factor: level name} per condition."""
-        names = [[str(level) for level in levels] for levels in self.factors.values()]
-        return [dict(zip(self.factors, combo)) for combo in itertools.product(*names)]
+        return [dict(zip(self.factors, combo)) for combo in itertools.product(*self.levels().values())]
 
     def settings(self, condition: dict[str, str], seed: int = 0) -> dict[str, Any]:
         """TrialConfig settings for one condition and seed: fixed, then each factor's level."""
@@ -170,9 +173,6 @@ class Study(Strict):
         return [Work(key=f"{condition_id(c)}/seed={s}", condition=c, seed=s,
                      settings={**self.settings(c, s), **tuned.get(condition_id(c), {})})
                 for c in self.conditions() for s in self.seeds]
-
-    def digest(self) -> str:
-        return digest(self.model_dump(mode="json"))
 
     def design(self) -> dict[str, Any]:
         """The part of the spec that trial results depend on. Seeds may grow or shrink (each trial
