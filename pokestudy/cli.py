@@ -18,9 +18,9 @@ from pokestudy import UserError
 def _data_info(args: argparse.Namespace) -> None:
     from pokestudy.data import prepare
 
-    m = prepare(args.data, args.res).manifest
-    info = {k: m[k] for k in ("classes", "images", "per_class", "skipped", "duplicates", "conflicts", "splits", "extras",
-                              "fingerprint", "cache")}
+    m = prepare(args.data, args.res, near_duplicates=args.near_duplicates).manifest
+    info = {k: m[k] for k in ("classes", "images", "per_class", "skipped", "duplicates", "conflicts", "near_duplicates",
+                              "splits", "extras", "fingerprint", "cache")}
     if args.json:
         print(json.dumps(info))
         return
@@ -31,6 +31,15 @@ def _data_info(args: argparse.Namespace) -> None:
           f"conflicts   {len(info['conflicts'])} (the same bytes under different classes: no copy is used)")
     for c in info["conflicts"]:
         print(f"  {' = '.join(c['paths'])}")
+    near = info["near_duplicates"]
+    if near["threshold"]:
+        print(f"near-dups   {near['groups']} groups of {near['images']} images within {near['threshold']} of 64 bits "
+              f"(largest {near['largest']}, {near['across_classes']} across classes): kept, each group in one split; "
+              f"{near['straddled_exact_split']} would straddle splits under the exact-bytes rule")
+        for example in near["examples"]:
+            print(f"  {' ~ '.join(example)}")
+    else:
+        print("near-dups   not grouped (exact bytes only; --near-duplicates N groups images within N of 64 bits)")
     print(f"skipped     {len(info['skipped'])} files")
     for s in info["skipped"]:
         print(f"  {s['path']}: {s['reason']}")
@@ -46,7 +55,7 @@ def _train(args: argparse.Namespace) -> None:
 
     names = {f.name for f in fields(TrialConfig)}
     cfg = TrialConfig(**{k: v for k, v in vars(args).items() if k in names and v is not None})
-    data = prepare(args.data, cfg.res, evals=_evals(args.eval))
+    data = prepare(args.data, cfg.res, evals=_evals(args.eval), near_duplicates=args.near_duplicates)
     columns = ["epoch", "train_acc", "val_acc", "test_acc", "gap", *[f"{n}_acc" for n in data.sets if n not in
                                                                    ("train", "val", "test")], "images_per_s"]
     if not args.json:
@@ -93,6 +102,7 @@ def parser() -> argparse.ArgumentParser:
     info.add_argument("--data", default="sprites", help="sprites (default), synthetic[:k=v,...] or a folder PATH")
     info.add_argument("--res", type=int, default=64)
     info.add_argument("--json", action="store_true")
+    _near_arg(info)
     info.set_defaults(func=_data_info)
 
     t = sub.add_parser("train", help="train one trial and print every epoch")
@@ -101,12 +111,14 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--augment")
     for flag, kind in [("epochs", int), ("res", int), ("width", int), ("lr", float), ("weight-decay", float),
                        ("dropout", float), ("label-smoothing", float), ("batch-size", int), ("seed", int),
-                       ("patience", int), ("lr-cuts", int), ("min-delta", float), ("warmup", int)]:
+                       ("patience", int), ("lr-cuts", int), ("min-delta", float), ("warmup", int),
+                       ("train-fraction", float)]:
         t.add_argument(f"--{flag}", type=kind)
     t.add_argument("--optimizer")
     t.add_argument("--eval", action="append", metavar="NAME=PATH",
                    help="an outside evaluation set (a folder, one sub-folder per class); repeatable")
     t.add_argument("--device")
+    _near_arg(t)
     t.add_argument("--json", action="store_true", help="one JSON object per epoch, then a final summary")
     t.set_defaults(func=_train)
 
@@ -116,6 +128,7 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--data", help="override the spec's data source")
     r.add_argument("--eval", action="append", metavar="NAME=PATH",
                    help="an outside evaluation set (a folder, one sub-folder per class), evaluated every epoch; repeatable")
+    _near_arg(r)
     r.add_argument("--address", help="an existing Ray cluster (default: a local Ray sized to this machine)")
     r.add_argument("--max-concurrent", type=int, help="at most this many trials at once")
     r.add_argument("--gpus-per-trial", type=float, help="GPU fraction per trial (overrides the spec)")
@@ -152,6 +165,12 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def _near_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--near-duplicates", type=int, metavar="BITS",
+                   help="group images whose perceptual hashes differ in at most BITS of 64, so they never straddle "
+                        "a split (0: exact bytes only; default: the spec's, else the source's: 10 for folders)")
+
+
 def _storage_args(p: argparse.ArgumentParser, study_name: bool = False) -> None:
     p.add_argument("--results", default="results", type=Path, help="results directory (default: results/)")
     p.add_argument("--storage", help="Optuna storage URL (default: sqlite:///RESULTS/pokestudy.db)")
@@ -172,7 +191,7 @@ def _run(args: argparse.Namespace) -> int:
     url = _storage_url(args)
     stored = runner.run_study(study, storage=url, results=args.results,
                               study_name=args.study_name or study.name, data=args.data, evals=_evals(args.eval),
-                              address=args.address,
+                              near_duplicates=args.near_duplicates, address=args.address,
                               max_concurrent=args.max_concurrent, gpus_per_trial=args.gpus_per_trial,
                               restart=args.restart, verbose=args.verbose, trial_figure=_trial_figure)
     if not stored.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):

@@ -49,6 +49,7 @@ class TrialConfig:
     dropout: float = 0.0
     label_smoothing: float = 0.0
     batch_size: int = 64
+    train_fraction: float = 1.0  # share of each class's training groups kept (val and test unchanged)
     epochs: int = 60  # the cap: a trial that reaches it before the plateau rule stops it is not converged
     patience: int = 3  # epochs without progress that make a stall (lr cut, or stop after the last cut)
     lr_cuts: int = 2
@@ -68,6 +69,7 @@ class TrialConfig:
             (self.optimizer in OPTIMIZERS, f"unknown optimizer {self.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}"),
             (MIN_RES <= self.res <= 1024, f"resolution {self.res} is out of range for the models; use {MIN_RES}..1024"),
             (self.lr > 0, f"learning rate must be positive, got {self.lr}"),
+            (0 < self.train_fraction <= 1, f"train_fraction must be in (0, 1], got {self.train_fraction}"),
             (self.weight_decay >= 0, f"weight decay must be >= 0, got {self.weight_decay}"),
             (0 <= self.dropout < 1, f"dropout must be in [0, 1), got {self.dropout}"),
             (0 <= self.label_smoothing < 1, f"label smoothing must be in [0, 1), got {self.label_smoothing}"),
@@ -197,6 +199,7 @@ def run_trial(cfg: TrialConfig, data: Prepared, on_epoch: Callable[[Record], Non
     """
     device = resolve_device(cfg.device)
     keep_freed_memory()
+    data = data.keep_fraction(cfg.train_fraction, cfg.seed)
     torch.manual_seed(cfg.seed)
     gen = torch.Generator(device).manual_seed(cfg.seed)
     x_train, y_train = data.sets["train"]
@@ -260,6 +263,7 @@ def run_trial(cfg: TrialConfig, data: Prepared, on_epoch: Callable[[Record], Non
                 record[f"{name}_gap"] = record["train_acc"] - acc
         record["gap"] = record.pop("test_gap")
         record.pop("val_gap")
+        record["train_images"] = len(y_train)
         record["images_per_s"] = epoch * steps * batch / train_seconds
         record["seconds"] = time.perf_counter() - start
         history.append(record)

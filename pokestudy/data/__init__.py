@@ -21,7 +21,7 @@ from pokestudy import UserError, __version__
 from pokestudy.data import sources
 from pokestudy.data.split import SPLITS, split
 
-CACHE_FORMAT = 2  # bump when decoding changes, so old caches are rebuilt
+CACHE_FORMAT = 3  # bump when decoding changes, so old caches are rebuilt
 MIN_RES, MAX_RES = 16, 1024
 
 
@@ -33,6 +33,8 @@ class Dataset:
     labels: torch.Tensor  # N, int64
     groups: torch.Tensor  # N, int64: images of one group always land in the same split
     hashes: list[str]
+    phashes: torch.Tensor  # N x 64, bool: perceptual hashes, for near-duplicates
+    paths: list[str]  # where each image came from, for messages
     classes: list[str]
     extras: dict[str, tuple[torch.Tensor, torch.Tensor]]  # named extra evaluation sets
     manifest: dict
@@ -46,6 +48,24 @@ class Prepared:
     sets: dict[str, tuple[torch.Tensor, torch.Tensor]]
     classes: list[str]
     manifest: dict
+    train_groups: torch.Tensor  # the group of each training image, so a fraction keeps whole groups
+
+    def keep_fraction(self, fraction: float, seed: int) -> "Prepared":
+        """The same data with only `fraction` of each class's training groups (at least one); validation
+        and test unchanged. Groups are drawn in one seeded order per class, so for one seed a smaller
+        fraction's training set is part of every larger one's."""
+        if fraction >= 1:
+            return self
+        x, y = self.sets["train"]
+        rng = np.random.default_rng(seed)
+        keep = []
+        for c in torch.unique(y).tolist():
+            ids = torch.unique(self.train_groups[y == c]).numpy()
+            chosen = rng.permutation(ids)[: max(1, round(fraction * len(ids)))]
+            keep.append(torch.nonzero((y == c) & torch.isin(self.train_groups, torch.from_numpy(chosen))).flatten())
+        idx = torch.cat(keep).sort().values
+        return Prepared(sets={**self.sets, "train": (x[idx], y[idx])}, classes=self.classes, manifest=self.manifest,
+                        train_groups=self.train_groups[idx])
 
 
 def check_res(res: int) -> None:
@@ -111,6 +131,8 @@ def _build(raw: sources.Raw, key: dict) -> dict:
         "labels": labels,
         "groups": torch.tensor([group_ids[raw.groups[i]] for i in keep], dtype=torch.long),
         "hashes": [raw.hashes[i] for i in keep],
+        "phashes": torch.from_numpy(np.stack([raw.phashes[i] for i in keep])),
+        "paths": [raw.paths[i] for i in keep],
         "classes": raw.classes,
         "extras": extras,
         "manifest": manifest,
@@ -130,22 +152,71 @@ def _write(blob: dict, path: Path) -> None:
 
 
 def prepare(spec: str, res: int, split_seed: int = 0, fractions: tuple[float, float, float] = (0.7, 0.15, 0.15),
-            evals: dict[str, str] | None = None) -> Prepared:
-    """Load (or decode) the data and split it; the split depends only on the data and `split_seed`.
-    `evals` adds outside evaluation sets: {name: folder in the ImageFolder layout}."""
+            evals: dict[str, str] | None = None, near_duplicates: int | None = None) -> Prepared:
+    """Load (or decode) the data and split it; the split depends only on the data, `split_seed` and
+    `near_duplicates` (the most bits in which two images' perceptual hashes may differ for them to share a
+    group; 0: exact bytes only; None: the source's default). `evals` adds outside evaluation sets:
+    {name: folder in the ImageFolder layout}."""
     ds = load(spec, res)
-    idx = split(ds.labels, ds.groups, fractions, split_seed)
+    threshold = sources.parse(spec).near_duplicates if near_duplicates is None else near_duplicates
+    groups = near_duplicate_groups(ds.phashes, ds.groups, threshold) if threshold else ds.groups
+    idx = split(ds.labels, groups, fractions, split_seed)
     sets = {s: (ds.images[idx[s]], ds.labels[idx[s]]) for s in SPLITS}
     sets.update(ds.extras)
     manifest = {**ds.manifest, "data": spec, "cache": str(ds.path), "split_seed": split_seed, "fractions": list(fractions),
-                "splits": {s: len(idx[s]) for s in SPLITS}}
+                "splits": {s: len(idx[s]) for s in SPLITS},
+                "near_duplicates": _near_summary(ds, groups, threshold, split(ds.labels, ds.groups, fractions, split_seed))}
     if evals:
         manifest["evals"] = {}
         for name, path in evals.items():
             if name in sets:
                 raise UserError(f"evaluation set name {name!r} is taken; choose another than {', '.join(sets)}")
-            sets[name], manifest["evals"][name] = _outside(name, path, res, ds)
-    return Prepared(sets=sets, classes=ds.classes, manifest=manifest)
+            sets[name], manifest["evals"][name] = _outside(name, path, res, ds, threshold)
+    return Prepared(sets=sets, classes=ds.classes, manifest=manifest, train_groups=groups[idx["train"]])
+
+
+def hamming(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Bits in which each hash of `a` differs from each of `b` (len(a) x len(b)), by one matrix product."""
+    sa, sb = a.float() * 2 - 1, b.float() * 2 - 1
+    return ((a.shape[1] - sa @ sb.T) / 2).round().long()
+
+
+def near_duplicate_groups(phashes: torch.Tensor, groups: torch.Tensor, threshold: int) -> torch.Tensor:
+    """Merge the groups of images whose perceptual hashes differ in at most `threshold` bits, across
+    classes too (the split then keeps such a group in one split in every class)."""
+    parent = list(range(int(groups.max()) + 1))
+
+    def root(g: int) -> int:
+        while parent[g] != g:
+            parent[g] = parent[parent[g]]
+            g = parent[g]
+        return g
+
+    for start in range(0, len(phashes), 1024):
+        close = (hamming(phashes[start:start + 1024], phashes) <= threshold).nonzero().tolist()
+        for i, j in close:
+            a, b = root(int(groups[start + i])), root(int(groups[j]))
+            parent[max(a, b)] = min(a, b)
+    return torch.tensor([root(int(g)) for g in groups], dtype=torch.long)
+
+
+def _near_summary(ds: Dataset, groups: torch.Tensor, threshold: int, exact_split: dict[str, torch.Tensor]) -> dict:
+    """What near-duplicate grouping did: groups that merged images of two or more exact groups, the
+    largest, a few examples, those across classes, and how many the exact-bytes rule let straddle splits."""
+    if not threshold:
+        return {"threshold": 0}
+    where = torch.empty(len(groups), dtype=torch.long)
+    for n, s in enumerate(SPLITS):
+        where[exact_split[s]] = n
+    pairs = torch.unique(torch.stack([groups, ds.groups]), dim=1)[0]  # (near group, exact group) pairs
+    ids, counts = torch.unique(pairs, return_counts=True)
+    merged = [torch.nonzero(groups == g).flatten() for g in ids[counts > 1].tolist()]
+    merged.sort(key=len, reverse=True)
+    return {"threshold": threshold, "groups": len(merged), "images": sum(map(len, merged)),
+            "largest": len(merged[0]) if merged else 0,
+            "across_classes": sum(len(torch.unique(ds.labels[m])) > 1 for m in merged),
+            "straddled_exact_split": sum(len(torch.unique(where[m])) > 1 for m in merged),
+            "examples": [[ds.paths[i] for i in m[:4].tolist()] for m in merged[:3]]}
 
 
 def normalise(name: str) -> str:
@@ -153,9 +224,10 @@ def normalise(name: str) -> str:
     return "".join(c for c in name.casefold() if c.isalnum())
 
 
-def _outside(name: str, path: str, res: int, train: Dataset) -> tuple[tuple[torch.Tensor, torch.Tensor], dict]:
+def _outside(name: str, path: str, res: int, train: Dataset, threshold: int) -> tuple[tuple[torch.Tensor, torch.Tensor], dict]:
     """An outside evaluation set: its class folders matched to the training classes by normalised name;
-    unmatched folders and copies of training images (the same bytes) are left out and counted."""
+    unmatched folders, copies (the same bytes) and near-copies (within `threshold` bits) of any image of
+    the training data are left out and counted."""
     ds = load(path, res)
     ours = {normalise(c): i for i, c in enumerate(train.classes)}
     mapping = {i: ours[normalise(c)] for i, c in enumerate(ds.classes) if normalise(c) in ours}
@@ -164,13 +236,18 @@ def _outside(name: str, path: str, res: int, train: Dataset) -> tuple[tuple[torc
         raise UserError(f"evaluation set {name} ({path}): no class folder matches a training class "
                         f"(e.g. {', '.join(ds.classes[:3])} vs {', '.join(train.classes[:3])}); "
                         "folders are matched by name, ignoring case, spaces and punctuation")
+    matched = [i for i, label in enumerate(ds.labels.tolist()) if label in mapping]
     seen = set(train.hashes)
-    keep = [i for i, (label, h) in enumerate(zip(ds.labels.tolist(), ds.hashes)) if label in mapping and h not in seen]
-    copies = sum(1 for label, h in zip(ds.labels.tolist(), ds.hashes) if label in mapping and h in seen)
+    copy = [ds.hashes[i] in seen for i in matched]
+    near = [False] * len(matched)
+    if threshold and matched:
+        near = (hamming(ds.phashes[matched], train.phashes).min(1).values <= threshold).tolist()
+    keep = [i for i, c, n in zip(matched, copy, near) if not (c or n)]
     if not keep:
-        raise UserError(f"evaluation set {name} ({path}) has no image left: every matched image is a copy of a "
-                        "training image")
+        raise UserError(f"evaluation set {name} ({path}) has no image left: every matched image is a copy or a "
+                        "near-copy of a training image")
     labels = torch.tensor([mapping[int(ds.labels[i])] for i in keep], dtype=torch.long)
     info = {"path": path, "fingerprint": ds.manifest["fingerprint"], "images": len(keep), "classes": len(set(mapping.values())),
-            "unmatched": unmatched, "copies_of_training_images": copies, "skipped": ds.manifest["skipped"]}
+            "unmatched": unmatched, "copies_of_training_images": sum(copy),
+            "near_copies_of_training_images": sum(n and not c for c, n in zip(copy, near)), "skipped": ds.manifest["skipped"]}
     return (ds.images[keep], labels), info

@@ -85,7 +85,8 @@ def _data_figures(url: str, study: optuna.Study, manifest: dict, df: pd.DataFram
     from pokestudy.data import prepare
 
     try:
-        data = prepare(manifest["data"], manifest["res"], manifest["split_seed"], tuple(manifest["fractions"]))  # test split only
+        data = prepare(manifest["data"], manifest["res"], manifest["split_seed"], tuple(manifest["fractions"]),
+                       near_duplicates=manifest.get("near_duplicates", {}).get("threshold", 0))  # the test split
         store, trials = artifact_store(results), study.get_trials(deepcopy=False)
         predictions = pd.Series({n: json.loads(read_artifact(store, url, trials[n], "test_predictions.json"))
                                  for n in df["trial"]})

@@ -127,6 +127,8 @@ def identity(spec: Study, manifest: dict[str, Any]) -> dict[str, Any]:
             "split_seed": manifest["split_seed"], "fractions": manifest["fractions"]}
     if "evals" in manifest:  # only when there are any, so studies without them keep their identity
         data["evals"] = {name: e["fingerprint"] for name, e in manifest["evals"].items()}
+    if manifest["near_duplicates"]["threshold"]:  # likewise: exact-bytes grouping is what older studies used
+        data["near_duplicates"] = manifest["near_duplicates"]["threshold"]
     same = {"design": spec.design(), "data": {k: v for k, v in data.items() if k != "source"}}
     return {"digest": digest(same), "design": spec.design(), "data": data}
 

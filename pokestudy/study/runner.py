@@ -27,7 +27,7 @@ from pokestudy.study.store import (Store, TrialFigure, archive, artifact_store, 
 
 
 def run_study(spec: Study, *, storage: str, results: Path, study_name: str, data: str | None = None,
-              evals: dict[str, str] | None = None,
+              evals: dict[str, str] | None = None, near_duplicates: int | None = None,
               address: str | None = None, max_concurrent: int | None = None, gpus_per_trial: float | None = None,
               restart: bool = False, verbose: bool = False, trial_figure: TrialFigure | None = None) -> optuna.Study:
     """Run every trial of `spec` not yet COMPLETE in the storage; returns the Optuna study to report.
@@ -42,7 +42,8 @@ def run_study(spec: Study, *, storage: str, results: Path, study_name: str, data
     lock = _lock(results, f"{storage}|{study_name}")
     try:
         prepared = prepare(data or spec.data.source, spec.data.res, spec.data.split_seed, spec.data.fractions,
-                           {**spec.data.eval, **(evals or {})})
+                           {**spec.data.eval, **(evals or {})},
+                           spec.data.near_duplicates if near_duplicates is None else near_duplicates)
         identity = records.identity(spec, prepared.manifest)
         if restart and (kept := archive(storage, study_name)):  # the study, or only its tuning stage
             print(f"study {study_name}: kept the stored one as {kept}; starting over", file=sys.stderr)

@@ -38,6 +38,9 @@ class DataSpec(Strict):
     split_seed: int = 0
     fractions: tuple[float, float, float] = (0.7, 0.15, 0.15)
     eval: dict[str, str] = {}  # outside evaluation sets: {name: folder in the ImageFolder layout}
+    # images whose perceptual hashes differ in at most this many of 64 bits share a group (never straddle
+    # a split); 0: exact bytes only; None: the source's default (10 for folders, 0 for sprites and synthetic)
+    near_duplicates: int | None = Field(None, ge=0, le=32)
 
     @field_validator("fractions")
     @classmethod
