@@ -1,4 +1,4 @@
-"""Command line: `pokestudy data info`, `train`, `run`, `report`, `studies`, `bench`, `dashboard`.
+"""Command line: `pokestudy data info`, `train`, `run`, `report`, `compare`, `studies`, `bench`, `dashboard`.
 
 User mistakes surface as `UserError`: one line on stderr, exit code 2, never a traceback.
 """
@@ -144,6 +144,13 @@ def parser() -> argparse.ArgumentParser:
     _storage_args(rep)
     rep.set_defaults(func=_report)
 
+    cmp = sub.add_parser("compare", help="two runs of one design on different data rules: how test accuracy and "
+                                         "the gap moved, per condition, with corrected intervals")
+    cmp.add_argument("first", help="the study to compare from, e.g. pokemondata-exact")
+    cmp.add_argument("second", help="the study to compare to, e.g. pokemondata")
+    _storage_args(cmp)
+    cmp.set_defaults(func=_compare)
+
     st = sub.add_parser("studies", help="list the studies in a storage (or the specs with --available)")
     st.add_argument("--available", action="store_true", help="list the study specs shipped in studies/")
     _storage_args(st)
@@ -220,6 +227,12 @@ def _report(args: argparse.Namespace) -> None:
     if bad or not formats:
         raise UserError(f"unknown format(s) {', '.join(sorted(bad)) or '(none)'}; use csv, md, tex, json")
     build(_storage_url(args), args.study, args.results, formats, generator=f"pokestudy report --study {args.study}")
+
+
+def _compare(args: argparse.Namespace) -> None:
+    from pokestudy.report.compare import compare
+
+    compare(_storage_url(args), args.first, args.second, args.results)
 
 
 def _studies(args: argparse.Namespace) -> None:

@@ -167,3 +167,83 @@ def test_train_reports_accuracy_and_gap_on_an_outside_set(tmp_path: Path, capsys
     assert code == 0, out.err
     first = json.loads(out.out.splitlines()[0])
     assert "kaggle_acc" in first and "kaggle_gap" in first
+
+
+PICTURES = Path(__file__).parent / "fixtures" / "pokemon"  # 15 pictures of the report's dataset, 5 per class
+
+
+def _pictures(root: Path, per_class: int) -> Path:
+    """The first `per_class` fixture pictures of each class, copied into `root`."""
+    for d in sorted(PICTURES.iterdir()):
+        (root / d.name).mkdir(parents=True)
+        for f in sorted(d.iterdir())[:per_class]:
+            (root / d.name / f.name).write_bytes(f.read_bytes())
+    return root
+
+
+def _near_copy(src: Path, dest: Path) -> None:
+    """The same picture as a collector would meet it again: cropped 3% a side, rescaled to 60%, re-encoded."""
+    from PIL import Image
+
+    img = Image.open(src).convert("RGB")
+    w, h = img.size
+    img = img.crop((round(0.03 * w), round(0.03 * h), round(0.97 * w), round(0.97 * h)))
+    img.resize((round(0.6 * img.width), round(0.6 * img.height))).save(dest, "JPEG", quality=80)
+
+
+def _split_of(data, image: torch.Tensor) -> str:
+    return next(s for s in ("train", "val", "test") if (data.sets[s][0] == image).flatten(1).all(1).any())
+
+
+def test_a_recropped_rescaled_reencoded_copy_is_a_near_duplicate_and_lands_in_its_originals_split(tmp_path: Path):
+    root = _pictures(tmp_path / "pics", 4)
+    _near_copy(root / "Bulbasaur" / "00000023.jpg", root / "Bulbasaur" / "copy.jpg")
+    ds = load(str(root), 32)
+    original, copy = ds.paths.index("Bulbasaur/00000023.jpg"), ds.paths.index("Bulbasaur/copy.jpg")
+    assert ds.hashes[original] != ds.hashes[copy], "not the same bytes: the exact-bytes rule cannot see it"
+    straddled = 0
+    for seed in range(8):
+        near = prepare(str(root), 32, split_seed=seed)  # a folder's default: within 10 of 64 bits
+        summary = near.manifest["near_duplicates"]
+        assert (summary["threshold"], summary["groups"], summary["images"]) == (10, 1, 2)
+        assert _split_of(near, ds.images[original]) == _split_of(near, ds.images[copy])
+        exact = prepare(str(root), 32, split_seed=seed, near_duplicates=0)
+        apart = _split_of(exact, ds.images[original]) != _split_of(exact, ds.images[copy])
+        assert summary["straddled_exact_split"] == int(apart)
+        straddled += apart
+    assert straddled, "under the exact-bytes rule the copy straddles a split for some seed"
+
+
+def test_different_pictures_of_one_class_are_not_merged():
+    data = prepare(str(PICTURES), 32, near_duplicates=10)
+    assert data.manifest["near_duplicates"]["groups"] == 0
+    assert sum(len(data.sets[s][1]) for s in ("train", "val", "test")) == 15
+
+
+def test_near_copies_of_training_images_are_removed_from_an_outside_set_and_counted(tmp_path: Path):
+    train = _pictures(tmp_path / "train", 4)
+    outside = tmp_path / "outside" / "bulbasaur"  # matched to Bulbasaur by its normalised name
+    outside.mkdir(parents=True)
+    _near_copy(train / "Bulbasaur" / "00000023.jpg", outside / "near.jpg")
+    (outside / "same.jpg").write_bytes((train / "Bulbasaur" / "00000032.jpg").read_bytes())
+    held_out = sorted((PICTURES / "Bulbasaur").iterdir())[4]  # a fifth picture, not in training
+    (outside / "new.jpg").write_bytes(held_out.read_bytes())
+    data = prepare(str(train), 32, evals={"outside": str(tmp_path / "outside")})
+    info = data.manifest["evals"]["outside"]
+    assert (info["images"], info["copies_of_training_images"], info["near_copies_of_training_images"]) == (1, 1, 1)
+    assert data.sets["outside"][1].tolist() == [data.classes.index("Bulbasaur")]
+
+
+def test_a_training_fraction_keeps_whole_groups_per_class_nested_and_leaves_val_and_test_alone():
+    full = prepare("synthetic:classes=4,per_class=24,size=32", 32)
+    parts = {f: full.keep_fraction(f, seed=1) for f in (0.25, 0.5, 1.0)}
+    y = {f: p.sets["train"][1] for f, p in parts.items()}
+    groups = {f: set(p.train_groups.tolist()) for f, p in parts.items()}
+    assert groups[0.25] < groups[0.5] < groups[1.0], "one seed: each smaller share is part of the larger ones"
+    assert torch.bincount(y[0.25]).min() >= 1 and len(y[0.25]) < len(y[0.5]) < len(y[1.0])
+    for f, part in parts.items():
+        for s in ("val", "test"):
+            assert torch.equal(part.sets[s][0], full.sets[s][0])
+        kept = part.train_groups
+        assert all(int((kept == g).sum()) == int((full.train_groups == g).sum()) for g in groups[f]), "whole groups"
+    assert groups[0.25] != {g for g in full.keep_fraction(0.25, seed=2).train_groups.tolist()}, "the seed draws"

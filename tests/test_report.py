@@ -90,14 +90,15 @@ def test_report_on_an_unknown_or_empty_study_is_one_line_exit_2(tmp_path: Path, 
     assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1 and "Traceback" not in out.stderr
 
 
-def _summary(train: float, test: float, converged: bool, predictions: int, epochs: int = 5) -> dict:
+def _summary(train: float, test: float, converged: bool, predictions: int, epochs: int = 5,
+             train_images: int = 100) -> dict:
     """What `run_trial` returns, for a trial that ramps up to `train` / `test` accuracy."""
     history = []
     for e in range(1, epochs + 1):
         f = e / epochs
         r = {"epoch": e, "lr": 0.01, "train_acc_augmented": train * f, "train_acc": train * f, "val_acc": test * f,
              "test_acc": test * f, "train_loss": 1 - f, "val_loss": 1.0, "test_loss": 1.0, "seconds": float(e),
-             "images_per_s": 100.0}
+             "images_per_s": 100.0, "train_images": train_images}
         r["gap"] = r["train_acc"] - r["test_acc"]
         history.append(r)
     return {"final": history[-1], "best": history[-1], "history": history, "converged": converged,
@@ -113,7 +114,7 @@ def _stored_study(tmp_path: Path, raw: dict, outcome) -> tuple[str, Path]:
     from pokestudy.study.store import Store, artifact_store, grid_distributions
 
     spec = Study.model_validate(raw)
-    data = prepare(spec.data.source, spec.data.res)
+    data = prepare(spec.data.source, spec.data.res, near_duplicates=spec.data.near_duplicates)
     url = f"sqlite:///{tmp_path / 'pokestudy.db'}"
     record = StudyRecord(spec=spec.model_dump(mode="json"), identity=identity(spec, data.manifest),
                          data=data.manifest, provenance=provenance(data.manifest, 1, now()))
@@ -121,7 +122,9 @@ def _stored_study(tmp_path: Path, raw: dict, outcome) -> tuple[str, Path]:
     plan = spec.trials()
     for work in plan:
         store.start(work, grid_distributions(plan))
-        store.complete(work, _summary(*outcome(work.condition, work.seed), predictions=len(data.sets["test"][1])))
+        images = round(len(data.sets["train"][1]) * float(work.condition.get("train_fraction", 1)))
+        store.complete(work, _summary(*outcome(work.condition, work.seed), predictions=len(data.sets["test"][1]),
+                                      train_images=images))
     return url, tmp_path
 
 
@@ -179,6 +182,54 @@ def test_a_report_on_a_study_of_other_factors_names_its_own_factors(tmp_path: Pa
     assert "arch" not in summary and "augment" not in summary and "For comparison" not in summary
     for png in ("curves", "gap", "tradeoff", "effects_over_epochs", "predictions"):
         assert (tmp_path / "custom" / f"{png}.png").stat().st_size > 5000
+
+
+@pytest.mark.fast
+def test_the_gap_against_data_size_gets_a_power_law_and_an_extrapolation_or_a_refusal(tmp_path: Path):
+    raw = {"name": "sizes", "data": {"source": "synthetic:classes=4,per_class=24,size=32", "res": 32},
+           "factors": {"arch": ["cnn", "resnet"], "train_fraction": [0.125, 0.25, 0.5, 1.0]},
+           "seeds": [0, 1, 2], "fixed": {"width": 4}}
+    per_class_at_full = 64 / 4  # synthetic 4 x 24, 70% to train: 64 training images, 16 per class
+
+    def outcome(condition: dict, seed: int) -> tuple[float, float, bool]:
+        n = per_class_at_full * float(condition["train_fraction"])
+        gap = 0.8 * n ** -0.5 * (1 + NOISE[seed]) if condition["arch"] == "cnn" else 0.3 + NOISE[seed]
+        return 1.0, 1.0 - gap, True  # cnn: gap = 0.8 n^-0.5, 10 points at n = 64; resnet: no trend
+
+    _stored_study(tmp_path, raw, outcome)
+    out = pokestudy("report", "--study", "sizes", "--results", str(tmp_path))
+    assert out.returncode == 0, out.stderr
+    fits = pd.read_csv(tmp_path / "sizes" / "scaling.csv").set_index("arch")
+    cnn, resnet = fits.loc["cnn"], fits.loc["resnet"]
+    assert abs(cnn["exponent"] - 0.5) < 0.05 and cnn["n_target_lo"] < 64 < cnn["n_target_hi"]
+    assert resnet["n_target"] != resnet["n_target"] and resnet["extrapolation"].startswith("refused")
+    summary = (tmp_path / "sizes" / "summary.md").read_text()
+    assert "the gap would fall to 10 points at ≈ 64 images per class" in summary
+    assert "an extrapolation 4× beyond the largest size measured" in summary
+    assert "**arch=resnet** (2–16 images per class)" in summary
+    assert (tmp_path / "sizes" / "scaling.png").stat().st_size > 5000
+
+
+@pytest.mark.fast
+def test_compare_two_runs_of_one_design_on_different_data_rules(tmp_path: Path):
+    raw = {"name": "exact", "data": {"source": "synthetic:classes=4,per_class=12,size=32", "res": 32},
+           "factors": {"arch": ["cnn", "resnet"]}, "seeds": [0, 1, 2], "fixed": {"width": 4}}
+    _stored_study(tmp_path, raw, lambda c, seed: (1.0, 0.70 + NOISE[seed], True))
+    near = {**raw, "name": "near", "data": {**raw["data"], "near_duplicates": 12}}
+    _stored_study(tmp_path, near, lambda c, seed: (1.0, 0.70 + NOISE[seed] - 0.1 * (c["arch"] == "cnn"), True))
+    out = pokestudy("compare", "exact", "near", "--results", str(tmp_path))
+    assert out.returncode == 0, out.stderr
+    assert "**arch=cnn**, test accuracy: 70.2 (exact) → 60.2 (near), -10.0 points [" in out.stdout
+    table = pd.read_csv(tmp_path / "exact-vs-near" / "comparison.csv").set_index(["condition", "metric"])["verdict"]
+    assert table.to_dict() == {("arch=cnn", "test_acc"): "lower", ("arch=cnn", "gap"): "higher",
+                               ("arch=resnet", "test_acc"): "not distinguishable",
+                               ("arch=resnet", "gap"): "not distinguishable"}
+    summary = (tmp_path / "exact-vs-near" / "summary.md").read_text()
+    assert "What differs: data.near_duplicates: (none) → 12." in summary and "4 claims" in summary
+    other = {**raw, "name": "other", "factors": {"width": [4, 8]}, "fixed": {}}
+    _stored_study(tmp_path, other, lambda c, seed: (1.0, 0.7, True))
+    out = pokestudy("compare", "exact", "other", "--results", str(tmp_path))
+    assert out.returncode == 2 and out.stderr.count("\n") == 1 and "different factors" in out.stderr
 
 
 @pytest.mark.fast

@@ -19,7 +19,7 @@ from optuna.artifacts import get_all_artifact_meta, upload_artifact
 from optuna.artifacts.exceptions import ArtifactNotFound
 
 from pokestudy import UserError
-from pokestudy.report import figures, summary, tables, verdicts
+from pokestudy.report import figures, scaling, summary, tables, verdicts
 from pokestudy.study.record import StudyRecord, TrialRecord
 from pokestudy.study.spec import Range, Study, condition_id
 from pokestudy.study.store import artifact_store, find_study, open_study, read_artifact, storage
@@ -41,12 +41,17 @@ def build(url: str, name: str, results: Path, formats: tuple[str, ...], generato
                *tables.export(table, out, "gap", formats), *tables.export(claims, out, "verdicts", formats)]
     if not tuning.empty:
         written += tables.export(tuning, out, "tuning", formats)
+    sizes = scaling.fits(df) if scaling.FACTOR in df.attrs["factors"] and "train_images" in df else pd.DataFrame()
+    if not sizes.empty:
+        written += tables.export(sizes, out, "scaling", formats)
     pngs = [figures.curves(df, out), figures.gaps(table, spec.report.reference, out), figures.tradeoff(table, out),
-            figures.effects_over_epochs(df, out), *_data_figures(url, study, info.data, df, results)]
+            figures.effects_over_epochs(df, out), figures.scaling(df, sizes, out) if not sizes.empty else None,
+            *_data_figures(url, study, info.data, df, results)]
     pngs = [p for p in pngs if p is not None]
-    text = summary.write(name, generator, df, table, claims, tuning, {p.name: p.name for p in pngs})
+    text = summary.write(name, generator, df, table, claims, tuning, sizes, {p.name: p.name for p in pngs})
     (out / "summary.md").write_text(text)
-    _publish(url, study, results, pngs, lambda links: summary.write(name, generator, df, table, claims, tuning, links, padded=True))
+    _publish(url, study, results, pngs,
+             lambda links: summary.write(name, generator, df, table, claims, tuning, sizes, links, padded=True))
     print(tables.readable(claims)[["claim", "verdict", "gap", "test"]].to_string(index=False) if len(claims)
           else "no claims: every factor of this study has a single level")
     print(f"\nwritten to {out}/: {', '.join(p.name for p in [*written, *pngs])}, summary.md", file=sys.stderr)

@@ -1,5 +1,5 @@
-"""Figures (PNG, matplotlib Agg): curves, gaps with CIs, the trade-off, effects per epoch, the
-report's prediction grids, confusions.
+"""Figures (PNG, matplotlib Agg): curves, gaps with CIs, the trade-off, effects per epoch, the gap
+against training-set size, the report's prediction grids, confusions.
 
 Each function takes tables already computed from the storage and returns the written path.
 """
@@ -107,6 +107,50 @@ def tradeoff(table: pd.DataFrame, out: Path) -> Path:
     ax.legend(fontsize=7, bbox_to_anchor=(1.02, 1), loc="upper left")
     ax.set_title("test accuracy vs gap per condition (95% CIs); up and left is better", fontsize=9)
     return _save(fig, out / "tradeoff.png")
+
+
+def scaling(df: pd.DataFrame, fitted: pd.DataFrame, out: Path) -> Path:
+    """Test accuracy and gap against training images per class (log x; the gap on log y, where a power
+    law is a line), mean ± 95% CI over seeds per size, per condition of the other factors, with the
+    fitted law carried on to the extrapolated size for a 10-point gap and that size's interval."""
+    from pokestudy.report.scaling import FACTOR, TARGET, per_class
+
+    others = [f for f in df.attrs["factors"] if f != FACTOR]
+    fig, (acc_ax, gap_ax) = plt.subplots(1, 2, figsize=(10, 4))
+    for i, (_, fit) in enumerate(fitted.iterrows()):
+        mask = np.logical_and.reduce([df[f] == fit[f] for f in others]) if others else np.ones(len(df), bool)
+        group = df[mask].assign(n=per_class(df[mask]))
+        label = ", ".join(str(fit[f]) for f in others) or "all"
+        for ax, metric in ((acc_ax, "test_acc"), (gap_ax, "gap")):
+            by = group.groupby(FACTOR)
+            n, mean = by["n"].mean(), by[metric].mean() * 100
+            half = by[metric].agg(lambda v: stats.t.ppf(0.975, len(v) - 1) * v.std(ddof=1) / np.sqrt(len(v))
+                                  if len(v) >= 3 else np.nan) * 100
+            ax.errorbar(n, mean, yerr=np.nan_to_num(half), fmt="o", color=f"C{i}", capsize=3, label=label)
+        if fit["exponent"] == fit["exponent"]:
+            end = fit["n_target_hi"] if fit["n_target_hi"] == fit["n_target_hi"] else group["n"].max()
+            grid = np.geomspace(group["n"].min(), max(end, group["n"].max()), 100)
+            gap_ax.plot(grid, 100 * np.exp(fit["intercept"] - fit["exponent"] * np.log(grid)), color=f"C{i}", ls="--", lw=1,
+                        label=f"{label}: b = {fit['exponent']:.2f}")
+            if fit["n_target"] == fit["n_target"]:
+                gap_ax.errorbar(fit["n_target"], 100 * TARGET, xerr=[[fit["n_target"] - fit["n_target_lo"]],
+                                [fit["n_target_hi"] - fit["n_target"]]], fmt="x", color=f"C{i}", capsize=4)
+    gap_ax.axhline(100 * TARGET, color="grey", lw=0.8, ls=":")
+    gap_ax.set_yscale("log")
+    for ax, name in ((acc_ax, "test accuracy (%)"), (gap_ax, "gap: train − test (points, log)")):
+        ax.set_xscale("log")
+        ax.set_xlabel("training images per class (log)")
+        ax.set_ylabel(name)
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=7)
+    for axis in (acc_ax.xaxis, gap_ax.xaxis, gap_ax.yaxis):  # plain numbers at 1, 2, 5 × 10^k on log axes
+        axis.set_major_locator(matplotlib.ticker.LogLocator(subs=(1, 2, 5)))
+        axis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+        axis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    gap_ax.set_title(f"dashed: fitted power law; ×: where it reaches {100 * TARGET:.0f} points (interval, "
+                     "extrapolated)", fontsize=8)
+    acc_ax.set_title("mean ± 95% CI over seeds", fontsize=8)
+    return _save(fig, out / "scaling.png")
 
 
 def effects_over_epochs(df: pd.DataFrame, out: Path) -> Path | None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pandas as pd
 
+from pokestudy.report import scaling
 from pokestudy.report.tables import MIN_SEEDS, readable
 from pokestudy.report.verdicts import sentence
 from pokestudy.study.record import StudyRecord, provenance_line
@@ -14,6 +15,7 @@ FIGURES = {
     "gap": "the gap per condition with 95% CIs",
     "tradeoff": "test accuracy against the gap per condition: a narrower gap is better only if test accuracy holds",
     "effects_over_epochs": "each factor's paired effect on the gap, epoch by epoch: closing vs delaying",
+    "scaling": "test accuracy and gap against training images per class, the fitted power law and its extrapolation",
     "predictions": "the same test images, each model's guess",
     "confusions": "the class pairs most often confused",
 }
@@ -24,7 +26,7 @@ CONVERGENCE = ("*Converged* means the trial was stopped by the plateau rule befo
 
 
 def write(name: str, generator: str, df: pd.DataFrame, table: pd.DataFrame, verdicts: pd.DataFrame,
-          tuning: pd.DataFrame, figures: dict[str, str], padded: bool = False) -> str:
+          tuning: pd.DataFrame, sizes: pd.DataFrame, figures: dict[str, str], padded: bool = False) -> str:
     """The summary in Markdown; `figures` maps each figure to its link (a file, or a dashboard artifact).
     `padded` spaces table cells apart for optuna-dashboard's note, whose tables have no cell padding."""
 
@@ -61,6 +63,15 @@ def write(name: str, generator: str, df: pd.DataFrame, table: pd.DataFrame, verd
         ref = report.reference
         lines += [f"For comparison, {ref.label}: {100 * ref.train_acc:.0f}% train vs {100 * ref.test_acc:.0f}% test, "
                   f"a gap of {100 * (ref.train_acc - ref.test_acc):.0f} points.", ""]
+    if not sizes.empty:
+        others = [f for f in df.attrs["factors"] if f != scaling.FACTOR]
+        lines += ["## How much data closes the gap", "",
+                  f"A power law gap = a · n^−b in the training images per class n, fitted to every trial "
+                  f"(log–log least squares), per {', '.join(others) or 'study'}; intervals corrected for the "
+                  f"{sizes.attrs['fits']} fits. The size for a {100 * scaling.TARGET:.0f}-point gap is read off the "
+                  f"fitted mean, with its inverse-regression interval, and refused when the fit is poor "
+                  f"(R² < {scaling.MIN_R2}) or the gap does not shrink detectably.", "",
+                  *[f"- {scaling.sentence(r, others)}" for _, r in sizes.iterrows()], ""]
     if not tuning.empty:
         lines += ["## Tuning", "", "Each condition's nuisance values were tuned on validation accuracy; a value near "
                   "its range's edge (within 10%, on a log scale for log ranges) says *extend the range*. Optimism = "
@@ -73,11 +84,20 @@ def write(name: str, generator: str, df: pd.DataFrame, table: pd.DataFrame, verd
               f"- data: {info.data['data']} at {info.data['res']} px, fingerprint {info.data['fingerprint']}; "
               f"{info.data['classes']} classes, {info.data['images']} images, {info.data['duplicates']} duplicates "
               f"removed, {len(info.data['conflicts'])} label conflicts dropped, {len(info.data['skipped'])} files skipped",
-              f"- splits: {info.data['splits']} (split seed {info.data['split_seed']}, whole groups only)",
+              f"- splits: {info.data['splits']} (split seed {info.data['split_seed']}, whole groups only; "
+              f"{_grouping(info.data.get('near_duplicates', {}))})",
               *[f"- outside evaluation set `{name}`: {e['path']}, {e['images']} images of {e['classes']} classes "
-                f"({e['copies_of_training_images']} copies of training images left out; unmatched folders: "
+                f"({e['copies_of_training_images']} copies and {e.get('near_copies_of_training_images', 0)} near-copies of "
+                f"training images left out; unmatched folders: "
                 f"{', '.join(e['unmatched']) or 'none'})" for name, e in info.data.get("evals", {}).items()], "",
               "## Provenance", "", provenance_line(info.provenance), ""]
     if df.attrs["ignored"]:
         lines += [f"({df.attrs['ignored']} stored trials of another identity were left out.)", ""]
     return "\n".join(lines)
+
+
+def _grouping(near: dict) -> str:
+    if not near.get("threshold"):
+        return "duplicates grouped by exact bytes only"
+    return (f"near-duplicates within {near['threshold']} of 64 perceptual-hash bits grouped: {near['groups']} groups "
+            f"of {near['images']} images, {near['straddled_exact_split']} of which exact-bytes grouping would split")
