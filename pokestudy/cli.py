@@ -27,26 +27,35 @@ def _data_info(args: argparse.Namespace) -> None:
     pc = info["per_class"]
     print(f"classes     {info['classes']}\nimages      {info['images']} "
           f"(per class min {pc['min']}, median {pc['median']}, max {pc['max']})\n"
-          f"duplicates  {info['duplicates']} removed\n"
-          f"conflicts   {len(info['conflicts'])} (the same bytes under different classes: no copy is used)")
-    for c in info["conflicts"]:
-        print(f"  {' = '.join(c['paths'])}")
+          f"duplicates  {len(info['duplicates'])} removed (the same bytes; the first copy is kept)")
+    _listed([f"{d['path']} = {d['copy_of']}" for d in info["duplicates"]])
+    print(f"conflicts   {len(info['conflicts'])} (the same bytes under different classes: no copy is used)")
+    _listed([" = ".join(c["paths"]) for c in info["conflicts"]])
     near = info["near_duplicates"]
     if near["threshold"]:
         print(f"near-dups   {near['groups']} groups of {near['images']} images within {near['threshold']} of 64 bits "
               f"(largest {near['largest']}, {near['across_classes']} across classes): kept, each group in one split; "
               f"{near['straddled_exact_split']} would straddle splits under the exact-bytes rule")
-        for example in near["examples"]:
-            print(f"  {' ~ '.join(example)}")
+        _listed([" ~ ".join(example) for example in near["examples"]])
+        if near["examples_across_classes"]:
+            print("  across classes (chance look-alikes, or one picture filed under two classes):")
+            _listed([" ~ ".join(example) for example in near["examples_across_classes"]])
     else:
         print("near-dups   not grouped (exact bytes only; --near-duplicates N groups images within N of 64 bits)")
     print(f"skipped     {len(info['skipped'])} files")
-    for s in info["skipped"]:
-        print(f"  {s['path']}: {s['reason']}")
+    _listed([f"{s['path']}: {s['reason']}" for s in info["skipped"]])
     print("splits      " + ", ".join(f"{k} {v}" for k, v in info["splits"].items()))
     for name, n in info["extras"].items():
         print(f"extra set   {name} {n}")
     print(f"fingerprint {info['fingerprint']}\ncache       {info['cache']}")
+
+
+def _listed(lines: list[str], most: int = 12) -> None:
+    """Indented lines under a `data info` heading; a long list is cut, `--json` has all of it."""
+    for line in lines[:most]:
+        print(f"  {line}")
+    if len(lines) > most:
+        print(f"  … {len(lines) - most} more (--json lists them all)")
 
 
 def _train(args: argparse.Namespace) -> None:

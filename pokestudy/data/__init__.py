@@ -21,7 +21,7 @@ from pokestudy import UserError, __version__
 from pokestudy.data import sources
 from pokestudy.data.split import SPLITS, split
 
-CACHE_FORMAT = 3  # bump when decoding changes, so old caches are rebuilt
+CACHE_FORMAT = 4  # bump when decoding changes, so old caches are rebuilt
 MIN_RES, MAX_RES = 16, 1024
 
 
@@ -97,11 +97,15 @@ def _build(raw: sources.Raw, key: dict) -> dict:
     conflicted = {h for h, ls in labels_of.items() if len(ls) > 1}
     conflicts = [{"classes": sorted(raw.classes[label] for label in labels_of[h]),
                   "paths": [p for p, h2 in zip(raw.paths, raw.hashes) if h2 == h]} for h in sorted(conflicted)]
-    seen: set[str] = set()
-    keep = []
+    first: dict[str, int] = {}
+    keep, duplicates = [], []
     for i, h in enumerate(raw.hashes):
-        if h not in seen and h not in conflicted:
-            seen.add(h)
+        if h in conflicted:
+            continue
+        if h in first:
+            duplicates.append({"path": raw.paths[i], "copy_of": raw.paths[first[h]]})
+        else:
+            first[h] = i
             keep.append(i)
     group_ids = {g: n for n, g in enumerate(dict.fromkeys(raw.groups[i] for i in keep))}
     labels = torch.tensor([raw.labels[i] for i in keep], dtype=torch.long)
@@ -120,7 +124,7 @@ def _build(raw: sources.Raw, key: dict) -> dict:
         "classes": len(raw.classes),
         "images": len(keep),
         "per_class": {"min": min(counts), "median": statistics.median(counts), "max": max(counts)},
-        "duplicates": len(raw.hashes) - len(keep) - sum(len(c["paths"]) for c in conflicts),
+        "duplicates": duplicates,
         "conflicts": conflicts,
         "fingerprint": content.hexdigest()[:16],
         "skipped": raw.skipped,
@@ -212,11 +216,16 @@ def _near_summary(ds: Dataset, groups: torch.Tensor, threshold: int, exact_split
     ids, counts = torch.unique(pairs, return_counts=True)
     merged = [torch.nonzero(groups == g).flatten() for g in ids[counts > 1].tolist()]
     merged.sort(key=len, reverse=True)
+    across = [m for m in merged if len(torch.unique(ds.labels[m])) > 1]
+    within = [m for m in merged if len(torch.unique(ds.labels[m])) == 1]
+
+    def paths(groups: list[torch.Tensor], n: int) -> list[list[str]]:
+        return [[ds.paths[i] for i in m[:4].tolist()] for m in groups[:n]]
+
     return {"threshold": threshold, "groups": len(merged), "images": sum(map(len, merged)),
-            "largest": len(merged[0]) if merged else 0,
-            "across_classes": sum(len(torch.unique(ds.labels[m])) > 1 for m in merged),
+            "largest": len(merged[0]) if merged else 0, "across_classes": len(across),
             "straddled_exact_split": sum(len(torch.unique(where[m])) > 1 for m in merged),
-            "examples": [[ds.paths[i] for i in m[:4].tolist()] for m in merged[:3]]}
+            "examples": paths(within, 3), "examples_across_classes": paths(across, 2)}
 
 
 def normalise(name: str) -> str:

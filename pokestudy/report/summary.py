@@ -82,7 +82,7 @@ def write(name: str, generator: str, df: pd.DataFrame, table: pd.DataFrame, verd
               "## The conclusions hold only for these settings", "",
               *[f"- {k}: {v}" for k, v in spec.fixed.items()],
               f"- data: {info.data['data']} at {info.data['res']} px, fingerprint {info.data['fingerprint']}; "
-              f"{info.data['classes']} classes, {info.data['images']} images, {info.data['duplicates']} duplicates "
+              f"{info.data['classes']} classes, {info.data['images']} images, {_count(info.data['duplicates'])} duplicates "
               f"removed, {len(info.data['conflicts'])} label conflicts dropped, {len(info.data['skipped'])} files skipped",
               f"- splits: {info.data['splits']} (split seed {info.data['split_seed']}, whole groups only; "
               f"{_grouping(info.data.get('near_duplicates', {}))})",
@@ -101,3 +101,8 @@ def _grouping(near: dict) -> str:
         return "duplicates grouped by exact bytes only"
     return (f"near-duplicates within {near['threshold']} of 64 perceptual-hash bits grouped: {near['groups']} groups "
             f"of {near['images']} images, {near['straddled_exact_split']} of which exact-bytes grouping would split")
+
+
+def _count(duplicates: list | int) -> int:
+    """Duplicates are listed since cache format 4; studies stored before count them."""
+    return len(duplicates) if isinstance(duplicates, list) else duplicates
