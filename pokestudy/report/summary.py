@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pandas as pd
 
 from pokestudy.report import scaling
@@ -81,12 +83,12 @@ def write(name: str, generator: str, df: pd.DataFrame, table: pd.DataFrame, verd
                                   for name, link in figures.items()], "",
               "## The conclusions hold only for these settings", "",
               *[f"- {k}: {v}" for k, v in spec.fixed.items()],
-              f"- data: {info.data['data']} at {info.data['res']} px, fingerprint {info.data['fingerprint']}; "
+              f"- data: {_source(info.data['data'])} at {info.data['res']} px, fingerprint {info.data['fingerprint']}; "
               f"{info.data['classes']} classes, {info.data['images']} images, {_count(info.data['duplicates'])} duplicates "
               f"removed, {len(info.data['conflicts'])} label conflicts dropped, {len(info.data['skipped'])} files skipped",
               f"- splits: {info.data['splits']} (split seed {info.data['split_seed']}, whole groups only; "
               f"{_grouping(info.data.get('near_duplicates', {}))})",
-              *[f"- outside evaluation set `{name}`: {e['path']}, {e['images']} images of {e['classes']} classes "
+              *[f"- outside evaluation set `{name}`: {_source(e['path'])}, {e['images']} images of {e['classes']} classes "
                 f"({e['copies_of_training_images']} copies and {e.get('near_copies_of_training_images', 0)} near-copies of "
                 f"training images left out; unmatched folders: "
                 f"{', '.join(e['unmatched']) or 'none'})" for name, e in info.data.get("evals", {}).items()], "",
@@ -106,3 +108,8 @@ def _grouping(near: dict) -> str:
 def _count(duplicates: list | int) -> int:
     """Duplicates are listed since cache format 4; studies stored before count them."""
     return len(duplicates) if isinstance(duplicates, list) else duplicates
+
+
+def _source(source: str) -> str:
+    """A folder by its name only: a summary is shared, the path is one machine's (the fingerprint says which data)."""
+    return f"folder {Path(source).name}" if "/" in source or "\\" in source else source
