@@ -164,12 +164,12 @@ def prepare(spec: str, res: int, split_seed: int = 0, fractions: tuple[float, fl
     ds = load(spec, res)
     threshold = sources.parse(spec).near_duplicates if near_duplicates is None else near_duplicates
     groups = near_duplicate_groups(ds.phashes, ds.groups, threshold) if threshold else ds.groups
-    idx = split(ds.labels, groups, fractions, split_seed)
+    exact = split(ds.labels, ds.groups, fractions, split_seed)
+    idx = split(ds.labels, groups, fractions, split_seed) if threshold else exact
     sets = {s: (ds.images[idx[s]], ds.labels[idx[s]]) for s in SPLITS}
     sets.update(ds.extras)
     manifest = {**ds.manifest, "data": spec, "cache": str(ds.path), "split_seed": split_seed, "fractions": list(fractions),
-                "splits": {s: len(idx[s]) for s in SPLITS},
-                "near_duplicates": _near_summary(ds, groups, threshold, split(ds.labels, ds.groups, fractions, split_seed))}
+                "splits": {s: len(idx[s]) for s in SPLITS}, "near_duplicates": _near_summary(ds, groups, threshold, exact)}
     if evals:
         manifest["evals"] = {}
         for name, path in evals.items():
