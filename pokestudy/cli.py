@@ -252,8 +252,10 @@ def _studies(args: argparse.Namespace) -> None:
     from pokestudy.study.store import storage
 
     if args.available:
-        for name, text in spec.available().items():
-            print(f"{name:<10} {spec.parse(text, name).question}")
+        shipped = spec.available()
+        width = max(map(len, shipped)) + 2
+        for name, text in shipped.items():
+            print(f"{name:<{width}}{spec.parse(text, name).question}")
         return
     url = _storage_url(args)
     summaries = optuna.get_all_study_summaries(storage(url), include_best_trial=False)
