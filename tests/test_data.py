@@ -212,6 +212,8 @@ def test_a_recropped_rescaled_reencoded_copy_is_a_near_duplicate_and_lands_in_it
         assert summary["straddled_exact_split"] == int(apart)
         straddled += apart
     assert straddled, "under the exact-bytes rule the copy straddles a split for some seed"
+    bad = pokestudy("data", "info", "--data", str(root), "--res", "32", "--near-duplicates", "-1")
+    assert bad.returncode == 2 and "near-duplicates threshold -1 is out of range" in bad.stderr
     out = pokestudy("data", "info", "--data", str(root), "--res", "32")
     assert out.returncode == 0, out.stderr
     assert "near-dups   1 groups of 2 images within 10 of 64 bits" in out.stdout
