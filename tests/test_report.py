@@ -208,6 +208,11 @@ def test_the_gap_against_data_size_gets_a_power_law_and_an_extrapolation_or_a_re
     assert "an extrapolation 4× beyond the largest size measured" in summary
     assert "**arch=resnet** (2–16 images per class)" in summary
     assert (tmp_path / "sizes" / "scaling.png").stat().st_size > 5000
+    from pokestudy.report.scaling import fit_power_law
+
+    clustered = np.log(np.repeat([4.0, 4.5, 5.0, 10.0], 3))  # e.g. one animation or two per class: two sizes
+    refused = fit_power_law(clustered, 0.8 * np.exp(clustered) ** -0.5, True, 0.95)["extrapolation"]
+    assert refused.startswith("refused: 2 distinct sizes")
 
 
 @pytest.mark.fast

@@ -5,8 +5,9 @@ The fit is ordinary least squares of log gap on log n over every trial (seeds ar
 The n for the target gap is read off the fitted *mean* line, with the inverse-regression (Fieller)
 interval: the n whose confidence band of the mean contains the target. Intervals are corrected
 for the number of fits (Bonferroni). The extrapolation is refused, with the reason, when any
-trial did not converge, a gap is not positive, the fit explains too little (R² < MIN_R2), or the
-gap does not shrink detectably with n (then the interval has no upper end).
+trial did not converge, a gap is not positive, fewer than three sizes were measured (sizes within
+MIN_STEP of each other count as one), the fit explains too little (R² < MIN_R2), or the gap does
+not shrink detectably with n (then the interval has no upper end).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from pokestudy.report.tables import ALPHA, MIN_SEEDS
 FACTOR = "train_fraction"
 TARGET = 0.10  # the gap to reach, as a fraction (10 points)
 MIN_R2 = 0.8
+MIN_STEP = 1.25  # sizes closer than this ratio count as one: with two clusters any monotone curve fits
 
 
 def per_class(df: pd.DataFrame) -> pd.Series:
@@ -51,14 +53,15 @@ def fit_power_law(x: np.ndarray, gap: np.ndarray, converged: bool, confidence: f
     """log gap = intercept + slope · log n; the exponent is -slope. Returns the fit and the extrapolation."""
     out = {"intercept": math.nan, "exponent": math.nan, "exponent_lo": math.nan, "exponent_hi": math.nan, "r2": math.nan,
            "n_target": math.nan, "n_target_lo": math.nan, "n_target_hi": math.nan}
-    distinct = len(np.unique(np.round(x, 6)))
+    sizes = np.unique(np.round(x, 6))
+    distinct = 1 + int((np.diff(sizes) > math.log(MIN_STEP)).sum())  # sizes at least MIN_STEP apart
     if not converged:
         return {**out, "extrapolation": "refused: not every trial converged"}
     if (gap <= 0).any():
         return {**out, "extrapolation": "refused: a gap is not positive, so no power law"}
     if distinct < 3 or len(x) < 2 * MIN_SEEDS:
-        return {**out, "extrapolation": f"refused: {distinct} distinct sizes and {len(x)} trials; need 3 sizes and "
-                                        f"{2 * MIN_SEEDS} trials"}
+        return {**out, "extrapolation": f"refused: {distinct} distinct sizes (at least {MIN_STEP}× apart) and {len(x)} "
+                                        f"trials; a power law needs 3 sizes and {2 * MIN_SEEDS} trials"}
     y = np.log(gap)
     n, xbar, ybar = len(x), x.mean(), y.mean()
     sxx = ((x - xbar) ** 2).sum()
