@@ -23,7 +23,7 @@ from pokestudy.report.tables import ALPHA, MIN_SEEDS
 FACTOR = "train_fraction"
 TARGET = 0.10  # the gap to reach, as a fraction (10 points)
 MIN_R2 = 0.8
-MIN_STEP = 1.25  # sizes closer than this ratio count as one: with two clusters any monotone curve fits
+MIN_STEP = 1.5  # sizes closer than this ratio count as one (the study doubles them): two clusters fit any curve
 
 
 def per_class(df: pd.DataFrame) -> pd.Series:
@@ -53,8 +53,10 @@ def fit_power_law(x: np.ndarray, gap: np.ndarray, converged: bool, confidence: f
     """log gap = intercept + slope · log n; the exponent is -slope. Returns the fit and the extrapolation."""
     out = {"intercept": math.nan, "exponent": math.nan, "exponent_lo": math.nan, "exponent_hi": math.nan, "r2": math.nan,
            "n_target": math.nan, "n_target_lo": math.nan, "n_target_hi": math.nan}
-    sizes = np.unique(np.round(x, 6))
-    distinct = 1 + int((np.diff(sizes) > math.log(MIN_STEP)).sum())  # sizes at least MIN_STEP apart
+    distinct, start = 0, -math.inf  # sizes at least MIN_STEP above the previous cluster's smallest
+    for size in np.sort(x):
+        if size > start + math.log(MIN_STEP):
+            distinct, start = distinct + 1, size
     if not converged:
         return {**out, "extrapolation": "refused: not every trial converged"}
     if (gap <= 0).any():
