@@ -18,7 +18,7 @@ import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 from scipy import stats  # noqa: E402
 
-from pokestudy.report.tables import extra_metrics  # noqa: E402
+from pokestudy.report.tables import extra_metrics, interval  # noqa: E402
 from pokestudy.study.spec import Reference  # noqa: E402
 
 
@@ -123,10 +123,9 @@ def scaling(df: pd.DataFrame, fitted: pd.DataFrame, out: Path) -> Path:
         label = ", ".join(str(fit[f]) for f in others) or "all"
         for ax, metric in ((acc_ax, "test_acc"), (gap_ax, "gap")):
             by = group.groupby(FACTOR)
-            n, mean = by["n"].mean(), by[metric].mean() * 100
-            half = by[metric].agg(lambda v: stats.t.ppf(0.975, len(v) - 1) * v.std(ddof=1) / np.sqrt(len(v))
-                                  if len(v) >= 3 else np.nan) * 100
-            ax.errorbar(n, mean, yerr=np.nan_to_num(half), fmt="o", color=f"C{i}", capsize=3, label=label)
+            cis = by[metric].apply(interval)  # (mean, sd, lo, hi) per size; no interval under MIN_SEEDS
+            mean, half = cis.map(lambda c: 100 * c[0]), cis.map(lambda c: 100 * (c[3] - c[2]) / 2)
+            ax.errorbar(by["n"].mean(), mean, yerr=np.nan_to_num(half), fmt="o", color=f"C{i}", capsize=3, label=label)
         if fit["exponent"] == fit["exponent"]:
             end = fit["n_target_hi"] if fit["n_target_hi"] == fit["n_target_hi"] else group["n"].max()
             grid = np.geomspace(group["n"].min(), max(end, group["n"].max()), 100)
