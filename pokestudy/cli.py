@@ -9,7 +9,6 @@ import argparse
 import json
 import os
 import sys
-from dataclasses import fields
 from pathlib import Path
 
 from pokestudy import UserError
@@ -62,7 +61,7 @@ def _train(args: argparse.Namespace) -> None:
     from pokestudy.data import prepare
     from pokestudy.train import Diverged, TrialConfig, run_trial
 
-    names = {f.name for f in fields(TrialConfig)}
+    names = set(TrialConfig.model_fields)
     cfg = TrialConfig(**{k: v for k, v in vars(args).items() if k in names and v is not None})
     data = prepare(args.data, cfg.res, evals=_evals(args.eval), near_duplicates=args.near_duplicates)
     columns = ["epoch", "train_acc", "val_acc", "test_acc", "gap", *[f"{n}_acc" for n in data.sets if n not in
@@ -85,7 +84,9 @@ def _train(args: argparse.Namespace) -> None:
         print(json.dumps({"final": True, **final, "best_epoch": best["epoch"], "best_val_acc": best["val_acc"],
                           "converged": summary["converged"]}))
     else:
-        state = "converged" if summary["converged"] else f"NOT converged: reached the cap of {cfg.epochs} epochs"
+        rises = f"train {100 * final['train_acc_rise']:+.1f}, val {100 * final['val_acc_rise']:+.1f} points"
+        state = (f"converged (last-quarter rise: {rises})" if summary["converged"] else
+                 f"NOT converged: still rising over the last quarter ({rises}); try a larger --epochs")
         print(f"\n{cfg.arch}, augment={cfg.augment}: train {final['train_acc']:.3f}, test {final['test_acc']:.3f}, "
               f"gap {final['gap']:+.3f} after {final['epoch']} epochs, {state} ({final['seconds']:.0f} s); "
               f"best val {best['val_acc']:.3f} at epoch {best['epoch']}")
@@ -120,8 +121,8 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--augment")
     for flag, kind in [("epochs", int), ("res", int), ("width", int), ("lr", float), ("weight-decay", float),
                        ("dropout", float), ("label-smoothing", float), ("batch-size", int), ("seed", int),
-                       ("patience", int), ("lr-cuts", int), ("min-delta", float), ("warmup", int),
-                       ("train-fraction", float)]:
+                       ("warmup", int), ("decay", str), ("steps-per-epoch", int), ("settle", float),
+                       ("eval-subset", int), ("train-fraction", float)]:
         t.add_argument(f"--{flag}", type=kind)
     t.add_argument("--optimizer")
     t.add_argument("--eval", action="append", metavar="NAME=PATH",

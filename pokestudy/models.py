@@ -48,4 +48,4 @@ def resnet(num_classes: int, width: int = 16, res: int = 64, dropout: float = 0.
 
 
 MODELS: dict[str, Callable[..., nn.Module]] = {"cnn": cnn, "resnet": resnet}
-MIN_RES = 32  # five 2x poolings need at least 32 px
+MIN_RES = 32  # five 2x poolings need at least 32 px: the bound for data, specs and trials alike

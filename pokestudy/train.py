@@ -1,34 +1,35 @@
-"""One trial: train a model on prepared tensors to a plateau and report every epoch to a callback.
+"""One trial: train a model on prepared tensors for a fixed budget and report every epoch to a callback.
 
 Knows nothing of Ray or Optuna: the study layer passes `on_epoch` and reads the returned
-summary. Every metric is measured the same way (eval mode, no augmentation, whole split), so
+summary. Every metric is measured the same way (eval mode, no augmentation), so
 `gap = train_acc - test_acc` compares like with like; the accuracy on augmented batches is a
 separate number, `train_acc_augmented`.
 
-Schedule and stopping rule agree, so no model stops mid-schedule at a high learning rate: a
-linear warm-up, then the learning rate is held until training stalls (neither validation nor
-clean train accuracy beat their best by `min_delta` for `patience` epochs), cut ×0.1 at each
-stall, and training stops at the stall after the last of `lr_cuts` cuts. Such a trial is
-*converged*; one that reaches the `epochs` cap first is not, and no verdict rests on it.
+The learning rate follows a schedule fixed in advance (`Schedule`: warm-up, then decay to 0 over
+the budget) that reads nothing measured, so every condition of a study trains with the same
+learning rate at the same step. (An earlier stopping rule cut the rate when accuracy stalled; it
+cut on noise for augmented models only, a confound aligned with the factor under test.) Whether
+the budget was *enough* is checked afterwards on the finished curve (`settled`), never used to
+change the training.
 """
 
 from __future__ import annotations
 
 import ctypes
+import math
 import time
-from dataclasses import asdict, dataclass, fields
-from typing import Callable
+from typing import Callable, Literal
 
 import torch
 import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from pokestudy import UserError
-from pokestudy.data import Prepared
+from pokestudy.data import Prepared, check_res
 from pokestudy.data.augment import POLICIES, copies
-from pokestudy.models import MIN_RES, MODELS
+from pokestudy.models import MODELS
 
 Record = dict[str, float]
-OPTIMIZERS = ("adamw", "sgd")
 
 
 class Diverged(RuntimeError):
@@ -36,97 +37,112 @@ class Diverged(RuntimeError):
     failed with this message."""
 
 
-@dataclass
-class TrialConfig:
+class TrialConfig(BaseModel):
+    """Every setting of one trial, validated like a study spec (a mistake is one `UserError` line)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
     arch: str = "cnn"
-    width: int = 16
+    width: int = Field(16, ge=1)
     res: int = 64
     augment: str = "none"
-    offline_target: int = 150  # paper-offline: images per training class after expansion
-    optimizer: str = "adamw"
-    lr: float = 1e-3
-    weight_decay: float = 0.0
-    dropout: float = 0.0
-    label_smoothing: float = 0.0
-    batch_size: int = 64
-    train_fraction: float = 1.0  # share of each class's training groups kept (val and test unchanged)
-    epochs: int = 60  # the cap: a trial that reaches it before the plateau rule stops it is not converged
-    patience: int = 3  # epochs without progress that make a stall (lr cut, or stop after the last cut)
-    lr_cuts: int = 2
-    min_delta: float = 0.005  # accuracy gain that counts as progress (0.5 points)
-    warmup: int = 1  # epochs of linear learning-rate warm-up
+    offline_target: int = Field(150, ge=1)  # paper-offline: images per training class after expansion
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    lr: float = Field(1e-3, gt=0)  # the peak learning rate, reached at the end of the warm-up
+    weight_decay: float = Field(0.0, ge=0)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
+    batch_size: int = Field(64, ge=2)
+    train_fraction: float = Field(1.0, gt=0, le=1)  # share of each class's training groups (val, test unchanged)
+    epochs: int = Field(30, ge=1)  # the budget: every trial trains exactly this many epochs
+    steps_per_epoch: int = Field(0, ge=0)  # 0: one pass over the (original) training split; N: N optimizer steps
+    warmup: int = Field(1, ge=0)  # epochs of linear learning-rate warm-up
+    decay: Literal["cosine", "linear"] = "cosine"  # after warm-up, down to 0 at the end of the budget
+    settle: float = Field(0.02, gt=0, lt=1)  # converged: smoothed accuracies rose less than this in the last quarter
+    eval_subset: int = Field(512, ge=0)  # before the last quarter, clean train accuracy on this many images (0: all)
     seed: int = 0
     device: str = "auto"
 
-    def __post_init__(self) -> None:
-        for f in fields(self):
-            value, kind = getattr(self, f.name), _KINDS[f.name]
-            if not (isinstance(value, kind) and not isinstance(value, bool) or value is None and f.default is None):
-                raise UserError(f"setting {f.name} must be {_KIND_NAMES[kind]}, got {value!r}")
-        checks = [
-            (self.arch in MODELS, f"unknown arch {self.arch!r}; choose one of {', '.join(MODELS)}"),
-            (self.augment in POLICIES, f"unknown augmentation {self.augment!r}; choose one of {', '.join(POLICIES)}"),
-            (self.optimizer in OPTIMIZERS, f"unknown optimizer {self.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}"),
-            (MIN_RES <= self.res <= 1024, f"resolution {self.res} is out of range for the models; use {MIN_RES}..1024"),
-            (self.lr > 0, f"learning rate must be positive, got {self.lr}"),
-            (0 < self.train_fraction <= 1, f"train_fraction must be in (0, 1], got {self.train_fraction}"),
-            (self.weight_decay >= 0, f"weight decay must be >= 0, got {self.weight_decay}"),
-            (0 <= self.dropout < 1, f"dropout must be in [0, 1), got {self.dropout}"),
-            (0 <= self.label_smoothing < 1, f"label smoothing must be in [0, 1), got {self.label_smoothing}"),
-            (self.width >= 1 and self.batch_size >= 2 and self.epochs >= 1,
-             "width >= 1, batch size >= 2 and epochs >= 1 are required"),
-            (self.patience >= 1 and self.lr_cuts >= 0 and self.warmup >= 0 and self.min_delta >= 0,
-             "patience >= 1, lr_cuts >= 0, warmup >= 0 and min_delta >= 0 are required"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise UserError(message)
+    def __init__(self, **values: object) -> None:
+        try:
+            super().__init__(**values)
+        except ValidationError as e:
+            raise UserError(_one_line(e)) from None
+
+    @field_validator("arch")
+    @classmethod
+    def _known_arch(cls, v: str) -> str:
+        if v not in MODELS:
+            raise ValueError(f"unknown arch {v!r}; choose one of {', '.join(MODELS)}")
+        return v
+
+    @field_validator("res")
+    @classmethod
+    def _res_in_range(cls, v: int) -> int:
+        check_res(v)  # the package's one resolution bound, with its one message
+        return v
+
+    @field_validator("augment")
+    @classmethod
+    def _known_policy(cls, v: str) -> str:
+        if v not in POLICIES:
+            raise ValueError(f"unknown augmentation {v!r}; choose one of {', '.join(POLICIES)}")
+        return v
 
     @classmethod
     def from_dict(cls, values: dict) -> "TrialConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = set(values) - known
-        if unknown:
-            raise UserError(f"unknown trial setting(s) {', '.join(sorted(unknown))}; known: {', '.join(sorted(known))}")
         return cls(**values)
 
+    def as_dict(self) -> dict:
+        return self.model_dump()
 
-_KINDS = {f.name: {"int": int, "float": (int, float), "str": str}[f.type.split(" |")[0]] for f in fields(TrialConfig)}
-_KIND_NAMES = {int: "an integer", (int, float): "a number", str: "a string"}
+
+def _one_line(e: ValidationError) -> str:
+    """A pydantic error as the one line a user reads: which setting, what is wrong."""
+    err = e.errors()[0]
+    name = ".".join(str(p) for p in err["loc"])
+    if err["type"] == "extra_forbidden":
+        known = ", ".join(sorted(TrialConfig.model_fields))
+        return f"unknown trial setting {name}; known: {known}"
+    return f"setting {name}: {err['msg'].removeprefix('Value error, ')}"
 
 
-class Plateau:
-    """The learning-rate schedule and the stopping rule in one place, so they cannot disagree.
-
-    `factor()` gives the learning-rate factor for the next optimizer step (warm-up, then the cuts);
-    `epoch_end()` reads the epoch's clean train and validation accuracy and says whether to stop.
-    """
+class Schedule:
+    """The learning-rate factor at each optimizer step: a linear warm-up over `warmup` epochs, then a
+    cosine or linear decay that reaches 0 at the end of the budget. A pure function of the step and the
+    config: nothing measured can move it, so no condition gets a shorter high-learning-rate phase."""
 
     def __init__(self, cfg: TrialConfig, steps_per_epoch: int):
-        self.cfg, self.warm_steps, self.steps = cfg, cfg.warmup * steps_per_epoch, 0
-        self.scale, self.cuts, self.stalled = 1.0, 0, 0
-        self.best = {"train_acc": -1.0, "val_acc": -1.0}
-        self.converged = False
+        self.total = cfg.epochs * steps_per_epoch
+        self.warm = min(cfg.warmup * steps_per_epoch, self.total - 1)
+        self.cosine = cfg.decay == "cosine"
 
-    def factor(self) -> float:
-        self.steps += 1
-        return self.scale * min(1.0, self.steps / self.warm_steps if self.warm_steps else 1.0)
+    def __call__(self, step: int) -> float:
+        """The factor for optimizer step `step` (1-based)."""
+        if step <= self.warm:
+            return step / self.warm
+        t = (step - self.warm - 1) / (self.total - self.warm)  # 0 at the first decay step, < 1 at the last
+        return 0.5 * (1 + math.cos(math.pi * t)) if self.cosine else 1 - t
 
-    def epoch_end(self, record: Record) -> bool:
-        progress = False
-        for k in self.best:
-            if record[k] > self.best[k] + self.cfg.min_delta:
-                progress = True
-            self.best[k] = max(self.best[k], record[k])
-        self.stalled = 0 if progress else self.stalled + 1
-        if self.stalled < self.cfg.patience:
-            return False
-        self.stalled = 0
-        if self.cuts < self.cfg.lr_cuts:
-            self.cuts, self.scale = self.cuts + 1, self.scale * 0.1
-            return False
-        self.converged = True
-        return True
+
+def quarter(epochs: int) -> tuple[int, int]:
+    """The convergence check's windows: it compares the mean over the last `w` epochs with the mean over
+    the `w` epochs that end a quarter of the budget (`q` epochs) earlier. Returns (q, w)."""
+    q = max(1, epochs // 4)
+    return q, min(3, q)
+
+
+def settled(history: list[Record], settle: float) -> dict[str, float]:
+    """How much clean train and validation accuracy still rose over the last quarter of the budget, on a
+    curve smoothed by `quarter`'s window: {"train_acc_rise", "val_acc_rise", "converged" (1.0 or 0.0)}.
+    A budget that was enough leaves both flat; a rise of `settle` or more says it was too short."""
+    q, w = quarter(len(history))
+    if len(history) < q + w:
+        rises = {f"{k}_rise": math.nan for k in ("train_acc", "val_acc")}
+        return {**rises, "converged": 0.0}
+    rises = {f"{k}_rise": sum(r[k] for r in history[-w:]) / w - sum(r[k] for r in history[-q - w:-q]) / w
+             for k in ("train_acc", "val_acc")}
+    return {**rises, "converged": float(all(v < settle for v in rises.values()))}
 
 
 def resolve_device(name: str) -> torch.device:
@@ -191,87 +207,139 @@ def evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, device: t
 
 
 def run_trial(cfg: TrialConfig, data: Prepared, on_epoch: Callable[[Record], None] | None = None) -> dict:
-    """Train one model; return the final record, the best-validation-epoch record and the history.
+    """Train one model for `cfg.epochs`; return the final record, the best-validation-epoch record, the
+    history and the convergence check (`settled`).
 
-    Every augmentation policy takes the same number of optimizer steps per epoch (one pass over
-    the *original* training split): offline expansion changes what the model sees, not how long
-    it trains, so policies are compared at equal compute.
+    Every augmentation policy takes the same number of optimizer steps per epoch (one pass over the
+    *original* training split, or `steps_per_epoch`): offline expansion changes what the model sees, not
+    how long it trains, so policies are compared at equal compute.
     """
     device = resolve_device(cfg.device)
     keep_freed_memory()
     data = data.keep_fraction(cfg.train_fraction, cfg.seed)
     torch.manual_seed(cfg.seed)
     gen = torch.Generator(device).manual_seed(cfg.seed)
+    x_pool, y_pool = _training_pool(cfg, data, device, gen)
+    n_train = len(data.sets["train"][1])
+    batch = min(cfg.batch_size, n_train)
+    steps = cfg.steps_per_epoch or n_train // batch
+    model = MODELS[cfg.arch](len(data.classes), cfg.width, cfg.res, cfg.dropout)
+    layout = memory_format(model, device)
+    model = model.to(device, memory_format=layout)
+    opt = _optimizer(cfg, model)
+    schedule = Schedule(cfg, steps)
+    q, w = quarter(cfg.epochs)
+    subset = _train_subset(data, cfg.eval_subset)
+
+    history: list[Record] = []
+    test_pred = torch.empty(0)
+    start, train_seconds = time.perf_counter(), 0.0
+    for epoch in range(1, cfg.epochs + 1):
+        tick = time.perf_counter()
+        order = _order(len(y_pool), steps * batch, gen, device)
+        augmented = _train_epoch(cfg, model, opt, schedule, (epoch - 1) * steps, x_pool, y_pool,
+                                 order.view(steps, batch), layout, gen)
+        train_seconds += time.perf_counter() - tick
+        exact = epoch > cfg.epochs - q - w  # the convergence check and the final numbers read whole sets
+        record, test_pred = _measure(model, data, device, None if exact else subset)
+        record = {"epoch": epoch, "lr": opt.param_groups[0]["lr"], "train_acc_augmented": augmented, **record,
+                  "train_images": n_train, "steps": epoch * steps, "images_per_s": epoch * steps * batch / train_seconds,
+                  "seconds": time.perf_counter() - start}
+        history.append(record)
+        if on_epoch:
+            on_epoch(record)
+    check = settled(history, cfg.settle)
+    best = max(history, key=lambda r: r["val_acc"])
+    final = {**history[-1], "train_acc_rise": check["train_acc_rise"], "val_acc_rise": check["val_acc_rise"]}
+    return {"config": cfg.as_dict(), "final": final, "best": best, "history": history,
+            "converged": bool(check["converged"]), "test_predictions": test_pred.tolist()}
+
+
+def _training_pool(cfg: TrialConfig, data: Prepared, device: torch.device,
+                   gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """The images batches are drawn from: the training split, plus the offline copies of the policy."""
     x_train, y_train = data.sets["train"]
-    batch = min(cfg.batch_size, len(y_train))
-    steps = len(y_train) // batch
-    policy = POLICIES[cfg.augment]
     x_pool, y_pool = x_train.to(device), y_train.to(device)
+    policy = POLICIES[cfg.augment]
     if policy.offline:
         sources = [data.sets[s] for s in (("train", "val", "test") if policy.leak else ("train",))]
         x_new, y_new = copies(torch.cat([x for x, _ in sources]).to(device), torch.cat([y for _, y in sources]).to(device),
                               policy.offline, cfg.offline_target, gen)
         x_pool, y_pool = torch.cat([x_pool, x_new]), torch.cat([y_pool, y_new])
+    return x_pool, y_pool
 
-    model = MODELS[cfg.arch](len(data.classes), cfg.width, cfg.res, cfg.dropout)
-    layout = memory_format(model, device)
-    model = model.to(device, memory_format=layout)
+
+def _optimizer(cfg: TrialConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
     if cfg.optimizer == "sgd":
-        opt = torch.optim.SGD(model.parameters(), cfg.lr, momentum=0.9, nesterov=True, weight_decay=cfg.weight_decay,
-                              fused=True)
-    else:
-        opt = torch.optim.AdamW(model.parameters(), cfg.lr, weight_decay=cfg.weight_decay, fused=True)
-    plateau = Plateau(cfg, steps)
+        return torch.optim.SGD(model.parameters(), cfg.lr, momentum=0.9, nesterov=True, weight_decay=cfg.weight_decay,
+                               fused=True)
+    return torch.optim.AdamW(model.parameters(), cfg.lr, weight_decay=cfg.weight_decay, fused=True)
 
-    history: list[Record] = []
-    best: Record | None = None
+
+def _order(pool: int, needed: int, gen: torch.Generator, device: torch.device) -> torch.Tensor:
+    """`needed` indices into the pool: whole shuffled passes, as many as `steps_per_epoch` asks for."""
+    passes = -(-needed // pool)
+    return torch.cat([torch.randperm(pool, generator=gen, device=device) for _ in range(passes)])[:needed]
+
+
+def _train_epoch(cfg: TrialConfig, model: torch.nn.Module, opt: torch.optim.Optimizer, schedule: Schedule,
+                 done: int, x_pool: torch.Tensor, y_pool: torch.Tensor, batches: torch.Tensor,
+                 layout: torch.memory_format, gen: torch.Generator) -> float:
+    """One epoch of optimizer steps (`done` steps came before); returns the accuracy on the augmented
+    batches. The loss is checked once per epoch, so a GPU never syncs per step."""
+    model.train()
+    policy = POLICIES[cfg.augment]
+    device = x_pool.device
+    correct, losses = torch.zeros((), device=device), torch.empty(len(batches), device=device)
+    for step, idx in enumerate(batches):
+        x = x_pool[idx].float() / 255
+        if policy.online:
+            x = policy.online(x, gen)
+        x = _normalise(x, layout)
+        with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
+            logits = model(x)
+            loss = F.cross_entropy(logits.float(), y_pool[idx], label_smoothing=cfg.label_smoothing)
+        losses[step] = loss.detach()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        for group in opt.param_groups:
+            group["lr"] = cfg.lr * schedule(done + step + 1)
+        opt.step()
+        correct += (logits.argmax(1) == y_pool[idx]).sum()
+    bad = (~torch.isfinite(losses)).nonzero().flatten().tolist()
+    if bad:
+        epoch = done // len(batches) + 1
+        raise Diverged(f"loss became {losses[bad[0]].item()} at epoch {epoch}, step {bad[0] + 1} (lr={cfg.lr}); "
+                       "lower the learning rate")
+    return correct.item() / batches.numel()
+
+
+def _train_subset(data: Prepared, size: int) -> torch.Tensor | None:
+    """A fixed sample of training images (the same in every epoch and trial of a split) on which the
+    curves' early epochs measure clean train accuracy; None when the whole split is as small."""
+    n = len(data.sets["train"][1])
+    if size == 0 or size >= n:
+        return None
+    return torch.randperm(n, generator=torch.Generator().manual_seed(0))[:size].sort().values
+
+
+def _measure(model: torch.nn.Module, data: Prepared, device: torch.device,
+             subset: torch.Tensor | None) -> tuple[Record, torch.Tensor]:
+    """Accuracy and loss on every evaluation set, the gaps to clean train accuracy, and the test
+    predictions. With `subset`, train accuracy is measured on those images only (`train_eval_n` says on
+    how many), which is enough to draw a curve at a fraction of the cost."""
+    record: Record = {}
     test_pred = torch.empty(0)
-    start, train_seconds = time.perf_counter(), 0.0
-    for epoch in range(1, cfg.epochs + 1):
-        model.train()
-        tick = time.perf_counter()
-        order = torch.randperm(len(y_pool), generator=gen, device=device)[: steps * batch]
-        correct, losses = torch.zeros((), device=device), torch.empty(steps, device=device)
-        for step, idx in enumerate(order.view(steps, batch)):
-            x = x_pool[idx].float() / 255
-            if policy.online:
-                x = policy.online(x, gen)
-            x = _normalise(x, layout)
-            with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
-                logits = model(x)
-                loss = F.cross_entropy(logits.float(), y_pool[idx], label_smoothing=cfg.label_smoothing)
-            losses[step] = loss.detach()  # checked once per epoch: no GPU sync per step
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            for group in opt.param_groups:
-                group["lr"] = cfg.lr * plateau.factor()
-            opt.step()
-            correct += (logits.argmax(1) == y_pool[idx]).sum()
-        train_seconds += time.perf_counter() - tick
-        bad = (~torch.isfinite(losses)).nonzero().flatten().tolist()
-        if bad:
-            raise Diverged(f"loss became {losses[bad[0]].item()} at epoch {epoch}, step {bad[0] + 1} (lr={cfg.lr}); "
-                           "lower the learning rate")
-
-        record: Record = {"epoch": epoch, "lr": opt.param_groups[0]["lr"],
-                          "train_acc_augmented": correct.item() / (steps * batch)}
-        for name, (x, y) in data.sets.items():
-            acc, loss_value, pred = evaluate(model, x, y, device)
-            record[f"{name}_acc"], record[f"{name}_loss"] = acc, loss_value
-            test_pred = pred if name == "test" else test_pred
-            if name != "train":
-                record[f"{name}_gap"] = record["train_acc"] - acc
-        record["gap"] = record.pop("test_gap")
-        record.pop("val_gap")
-        record["train_images"] = len(y_train)
-        record["images_per_s"] = epoch * steps * batch / train_seconds
-        record["seconds"] = time.perf_counter() - start
-        history.append(record)
-        if on_epoch:
-            on_epoch(record)
-        if best is None or record["val_acc"] > best["val_acc"]:
-            best = record
-        if plateau.epoch_end(record):
-            break
-    return {"config": asdict(cfg), "final": history[-1], "best": best, "history": history,
-            "converged": plateau.converged, "test_predictions": test_pred.tolist()}
+    for name, (x, y) in data.sets.items():
+        if name == "train" and subset is not None:
+            x, y = x[subset], y[subset]
+        acc, loss_value, pred = evaluate(model, x, y, device)
+        record[f"{name}_acc"], record[f"{name}_loss"] = acc, loss_value
+        if name == "train":
+            record["train_eval_n"] = len(y)
+        if name == "test":
+            test_pred = pred
+    for name in data.sets:
+        if name not in ("train", "val"):
+            record["gap" if name == "test" else f"{name}_gap"] = record["train_acc"] - record[f"{name}_acc"]
+    return record, test_pred

@@ -98,10 +98,11 @@ def _summary(train: float, test: float, converged: bool, predictions: int, epoch
         f = e / epochs
         r = {"epoch": e, "lr": 0.01, "train_acc_augmented": train * f, "train_acc": train * f, "val_acc": test * f,
              "test_acc": test * f, "train_loss": 1 - f, "val_loss": 1.0, "test_loss": 1.0, "seconds": float(e),
-             "images_per_s": 100.0, "train_images": train_images}
+             "images_per_s": 100.0, "train_images": train_images, "steps": 10 * e, "train_eval_n": train_images}
         r["gap"] = r["train_acc"] - r["test_acc"]
         history.append(r)
-    return {"final": history[-1], "best": history[-1], "history": history, "converged": converged,
+    rises = {"train_acc_rise": 0.0 if converged else 0.1, "val_acc_rise": 0.0 if converged else 0.1}
+    return {"final": {**history[-1], **rises}, "best": history[-1], "history": history, "converged": converged,
             "test_predictions": [0] * predictions}
 
 
@@ -144,7 +145,7 @@ def test_verdict_labels_follow_the_evidence(tmp_path: Path):
                 "clear": (0.95, 0.65 + e, True),  # gap −10 points, test +5
                 "null": (1.0, 0.60 + e + [0.002, -0.002, 0.001, -0.001][seed], True),  # no effect, small noise
                 "noisy": (1.0, 0.60 + e + [0.10, -0.10, 0.08, -0.06][seed], True),  # no effect, large noise
-                "stuck": (0.95, 0.65 + e, False)}[condition["treatment"]]  # as clear, but never plateaued
+                "stuck": (0.95, 0.65 + e, False)}[condition["treatment"]]  # as clear, but still learning at the end
 
     _stored_study(tmp_path, raw, outcome)
     out = pokestudy("report", "--study", "labels", "--results", str(tmp_path))
@@ -153,7 +154,7 @@ def test_verdict_labels_follow_the_evidence(tmp_path: Path):
     assert verdicts == {"treatment=clear vs ref": "closes the gap",
                         "treatment=null vs ref": "equivalent within ±2 points",
                         "treatment=noisy vs ref": "inconclusive",
-                        "treatment=stuck vs ref": "inconclusive: not converged"}
+                        "treatment=stuck vs ref": "inconclusive: budget too short"}
     gap = pd.read_csv(tmp_path / "labels" / "gap.csv").set_index("treatment")
     assert gap.loc["stuck", "converged"] == "no (0/4)" and gap.loc["ref", "converged"] == "yes"
     assert gap.loc["ref", "gap_real"].startswith("yes")

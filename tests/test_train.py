@@ -9,7 +9,7 @@ import pytest
 from pokestudy import UserError
 from pokestudy.cli import main
 from pokestudy.data import prepare
-from pokestudy.train import Diverged, TrialConfig, run_trial
+from pokestudy.train import Diverged, Schedule, TrialConfig, quarter, run_trial, settled
 from tests.conftest import pokestudy
 
 pytestmark = pytest.mark.fast  # the edit-test loop: `pytest -m fast`
@@ -47,26 +47,67 @@ def test_a_diverging_loss_stops_the_trial_with_a_clear_error(data):
         run_trial(TrialConfig(arch="cnn", width=4, res=32, epochs=3, batch_size=16, lr=1e30, optimizer="sgd"), data)
 
 
-def test_the_plateau_rule_cuts_the_learning_rate_at_each_stall_then_stops_converged(data):
-    cfg = TrialConfig(arch="cnn", width=4, res=32, epochs=60, batch_size=16, lr=0.01, patience=2, lr_cuts=2)
-    summary = run_trial(cfg, data)
-    history = summary["history"]
-    assert summary["converged"] and len(history) < 60
-    lrs = [r["lr"] for r in history]
-    assert sorted(set(lrs), reverse=True) == pytest.approx([0.01, 0.001, 0.0001]) and lrs == sorted(lrs, reverse=True)
-    assert history[-1]["lr"] == pytest.approx(0.0001), "stopped at the lowest learning rate, never mid-schedule"
-    for k in ("val_acc", "train_acc"):  # the last `patience` epochs made no progress on either
-        before = max(r[k] for r in history[:-2])
-        assert all(r[k] <= before + cfg.min_delta for r in history[-2:])
+def test_the_learning_rate_depends_only_on_the_step_and_the_spec(data):
+    # two trials whose accuracy curves differ (augmentation, seed) get the same learning rate at every step
+    base = dict(arch="cnn", width=4, res=32, epochs=6, batch_size=16, lr=0.01, warmup=1)
+    a = run_trial(TrialConfig(**base), data)["history"]
+    b = run_trial(TrialConfig(**base, augment="paper", seed=3), data)["history"]
+    assert [r["val_acc"] for r in a] != [r["val_acc"] for r in b]
+    steps = len(data.sets["train"][1]) // 16
+    schedule = Schedule(TrialConfig(**base), steps)
+    expected = [0.01 * schedule(e * steps) for e in range(1, 7)]
+    assert [r["lr"] for r in a] == pytest.approx(expected) and [r["lr"] for r in b] == pytest.approx(expected)
 
 
-def test_a_trial_that_reaches_the_epoch_cap_is_not_converged(data):
-    summary = run_trial(TrialConfig(arch="cnn", width=4, res=32, epochs=2, batch_size=16, patience=3), data)
-    assert not summary["converged"] and summary["final"]["epoch"] == 2
+@pytest.mark.parametrize("decay", ["cosine", "linear"])
+def test_the_schedule_warms_up_then_decays_to_zero_at_the_end_of_the_budget(decay: str):
+    schedule = Schedule(TrialConfig(epochs=10, warmup=2, decay=decay), steps_per_epoch=5)
+    factors = [schedule(s) for s in range(1, 51)]
+    assert factors[:10] == pytest.approx([s / 10 for s in range(1, 11)]), "linear warm-up over 2 epochs"
+    assert factors[10] == pytest.approx(1.0) and all(x >= y for x, y in zip(factors[10:], factors[11:]))
+    assert 0 < factors[-1] <= 1 / 40 + 1e-9, "the last of the 40 decay steps runs at (nearly) zero"
+
+
+def test_convergence_reads_the_last_quarter_of_a_smoothed_curve():
+    def history(train: list[float], val: list[float]) -> list[dict]:
+        return [{"train_acc": t, "val_acc": v} for t, v in zip(train, val)]
+
+    rising_then_flat = [0.2, 0.4, 0.6, 0.8] + [0.95, 0.96, 0.95, 0.96] * 2 + [0.96, 0.95, 0.96, 0.96]
+    assert settled(history(rising_then_flat, rising_then_flat), 0.02)["converged"] == 1.0
+    still_rising = [i / 20 for i in range(16)]
+    check = settled(history([1.0] * 16, still_rising), 0.02)
+    assert check["converged"] == 0.0 and check["val_acc_rise"] == pytest.approx(0.2), "val rose 4 epochs x 0.05"
+    noisy = [0.5, 0.9] * 8  # swings, but no trend: not a reason to call the budget short
+    assert settled(history(noisy, noisy), 0.02)["converged"] == 1.0
+
+
+def test_a_long_enough_budget_converges_and_a_short_one_does_not(data):
+    cfg = dict(arch="cnn", width=8, res=32, batch_size=16, lr=0.01)
+    long = run_trial(TrialConfig(**cfg, epochs=24), data)
+    short = run_trial(TrialConfig(**cfg, epochs=2), data)  # still learning at its last epoch
+    assert long["converged"] and long["final"]["train_acc"] == 1.0
+    assert not short["converged"] and short["final"]["train_acc_rise"] >= 0.02
+
+
+def test_early_epochs_measure_train_accuracy_on_a_subset_and_the_last_quarter_on_the_whole_split(data):
+    summary = run_trial(TrialConfig(arch="cnn", width=4, res=32, epochs=12, batch_size=16, eval_subset=20), data)
+    n = len(data.sets["train"][1])
+    q, w = quarter(12)
+    assert [r["train_eval_n"] for r in summary["history"]] == [20] * (12 - q - w) + [n] * (q + w)
+
+
+def test_steps_per_epoch_fixes_the_compute_whatever_the_training_set_size(data):
+    cfg = dict(arch="cnn", width=4, res=32, epochs=1, batch_size=16, steps_per_epoch=7)
+    small = run_trial(TrialConfig(**cfg, train_fraction=0.25), data)["final"]
+    full = run_trial(TrialConfig(**cfg), data)["final"]
+    assert small["train_images"] < full["train_images"]
+    assert small["steps"] == full["steps"] == 7, "7 optimizer steps per epoch, whatever the split's size"
+    assert run_trial(TrialConfig(**{**cfg, "steps_per_epoch": 0}), data)["final"]["steps"] == full["train_images"] // 16
 
 
 def test_bad_config_values_are_user_errors():
-    for bad in ({"arch": "vgg"}, {"augment": "mixup"}, {"lr": 0.0}, {"res": 16}, {"dropout": 1.0}, {"patience": 0}):
+    for bad in ({"arch": "vgg"}, {"augment": "mixup"}, {"lr": 0.0}, {"res": 16}, {"dropout": 1.0}, {"epochs": 0},
+                {"decay": "step"}, {"no_such_setting": 1}):
         with pytest.raises(UserError):
             TrialConfig(**bad)
 
@@ -85,7 +126,7 @@ def test_train_command_prints_one_json_object_per_epoch_then_a_final_one():
     (["--data", DATA, "--arch", "cnn", "--augment", "cutmix"], "unknown augmentation"),
     (["--data", DATA, "--arch", "cnn", "--res", "8"], "out of range"),
     (["--data", DATA, "--arch", "cnn", "--res", "2048"], "out of range"),
-    (["--data", DATA, "--arch", "cnn", "--lr", "-1"], "learning rate"),
+    (["--data", DATA, "--arch", "cnn", "--lr", "-1"], "setting lr: Input should be greater than 0"),
     (["--data", DATA, "--arch", "cnn", "--res", "32", "--lr", "1e30", "--optimizer", "sgd", "--epochs", "2"],
      "loss became"),
 ])

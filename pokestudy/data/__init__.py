@@ -20,9 +20,10 @@ import torch
 from pokestudy import UserError, __version__
 from pokestudy.data import sources
 from pokestudy.data.split import SPLITS, split
+from pokestudy.models import MIN_RES
 
 CACHE_FORMAT = 4  # bump when decoding changes, so old caches are rebuilt
-MIN_RES, MAX_RES = 16, 1024
+MAX_RES = 1024  # the one resolution bound of the package: MIN_RES comes from the models
 
 
 @dataclass

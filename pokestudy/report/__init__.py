@@ -19,7 +19,7 @@ from optuna.artifacts import get_all_artifact_meta, upload_artifact
 from optuna.artifacts.exceptions import ArtifactNotFound
 
 from pokestudy import UserError
-from pokestudy.report import figures, scaling, summary, tables, verdicts
+from pokestudy.report import budget, figures, scaling, summary, tables, verdicts
 from pokestudy.study.record import StudyRecord, TrialRecord
 from pokestudy.study.spec import Range, Study, condition_id
 from pokestudy.study.store import artifact_store, find_study, open_study, read_artifact, storage
@@ -31,14 +31,23 @@ def build(url: str, name: str, results: Path, formats: tuple[str, ...], generato
     study = open_study(url, name)
     out = results / name
     out.mkdir(parents=True, exist_ok=True)
-    df = tables.trials_frame(study)
+    everything = tables.trials_frame(study)
+    df, longer = budget.split_budgets(everything)  # the study's budget; its budget check's longer trials
     info = df.attrs["study"]
     spec = info.study
     table = tables.gap_table(df)
     claims = verdicts.verdicts(df, spec.report)
+    checked = budget.budget_check(df, longer, spec.report)
+    if not checked.empty:
+        claims["budget_check"] = checked["budget_check"].to_numpy()
+    checks = budget.sentences(checked, budget.length_check(df))
     tuning = tuning_table(url, name, df, spec)
-    written = [*tables.export(df.drop(columns=["history", "settings"]), out, "trials", ("csv",)),
+    written = [*tables.export(everything.drop(columns=["history", "settings"]), out, "trials", ("csv",)),
                *tables.export(table, out, "gap", formats), *tables.export(claims, out, "verdicts", formats)]
+    if not checked.empty:
+        factor = f"{checked['budget_factor'].iloc[0]:g}x"
+        written += [*tables.export(checked, out, "budget_check", formats),
+                    *tables.export(tables.gap_table(longer), out, f"gap_at_{factor}", formats)]
     if not tuning.empty:
         written += tables.export(tuning, out, "tuning", formats)
     sizes = scaling.fits(df) if scaling.FACTOR in df.attrs["factors"] and "train_images" in df else pd.DataFrame()
@@ -48,10 +57,11 @@ def build(url: str, name: str, results: Path, formats: tuple[str, ...], generato
             figures.effects_over_epochs(df, out), figures.scaling(df, sizes, out) if not sizes.empty else None,
             *_data_figures(url, study, info.data, df, results)]
     pngs = [p for p in pngs if p is not None]
-    text = summary.write(name, generator, df, table, claims, tuning, sizes, {p.name: p.name for p in pngs})
+    text = summary.write(name, generator, df, table, claims, checks, tuning, sizes, {p.name: p.name for p in pngs})
     (out / "summary.md").write_text(text)
     _publish(url, study, results, pngs,
-             lambda links: summary.write(name, generator, df, table, claims, tuning, sizes, links, padded=True))
+             lambda links: summary.write(name, generator, df, table, claims, checks, tuning, sizes, links,
+                                           padded=True))
     print(tables.readable(claims)[["claim", "verdict", "gap", "test"]].to_string(index=False) if len(claims)
           else "no claims: every factor of this study has a single level")
     print(f"\nwritten to {out}/: {', '.join(p.name for p in [*written, *pngs])}, summary.md", file=sys.stderr)

@@ -8,9 +8,9 @@ import pandas as pd
 
 from pokestudy.report import scaling
 from pokestudy.report.tables import MIN_SEEDS, readable
-from pokestudy.report.verdicts import sentence
+from pokestudy.report.verdicts import UNCONVERGED, sentence
 from pokestudy.study.record import StudyRecord, provenance_line
-from pokestudy.train import TrialConfig
+from pokestudy.train import TrialConfig, quarter
 
 FIGURES = {
     "curves": "accuracy per epoch per condition (train, test, extra sets)",
@@ -21,14 +21,17 @@ FIGURES = {
     "predictions": "the same test images, each model's guess",
     "confusions": "the class pairs most often confused",
 }
-CONVERGENCE = ("*Converged* means the trial was stopped by the plateau rule before its epoch cap: neither "
-               "validation nor clean train accuracy improved by {min_delta:g} points for {patience} epochs at "
-               "the lowest learning rate, after {cuts} cuts ×0.1 (each at such a stall). A condition is converged "
-               "when all its seeds are; a claim that rests on an unconverged condition gets no verdict.")
+SCHEDULE = ("Every trial trained for a budget fixed in advance ({epochs} epochs of {steps} optimizer steps), with "
+            "the same learning rate at the same step whatever its accuracies did: a linear warm-up over {warmup} "
+            "epoch(s), then {decay} decay to 0 at the end of the budget. *Converged* means the finished curve was "
+            "flat: clean train and validation accuracy, smoothed over {window} epochs, rose by less than {settle} "
+            "points over the last quarter of the budget. A condition is converged when all its seeds are; a claim "
+            "that rests on an unconverged condition reads *{unconverged}*.")
 
 
 def write(name: str, generator: str, df: pd.DataFrame, table: pd.DataFrame, verdicts: pd.DataFrame,
-          tuning: pd.DataFrame, sizes: pd.DataFrame, figures: dict[str, str], padded: bool = False) -> str:
+          checks: list[str], tuning: pd.DataFrame, sizes: pd.DataFrame, figures: dict[str, str],
+          padded: bool = False) -> str:
     """The summary in Markdown; `figures` maps each figure to its link (a file, or a dashboard artifact).
     `padded` spaces table cells apart for optuna-dashboard's note, whose tables have no cell padding."""
 
@@ -41,7 +44,6 @@ def write(name: str, generator: str, df: pd.DataFrame, table: pd.DataFrame, verd
     info: StudyRecord = df.attrs["study"]
     spec = info.study
     report = spec.report
-    rule = TrialConfig.from_dict(df["settings"].iloc[0])
     seeds = sorted(df["seed"].unique())
     counts = table["seeds"]
     span = str(counts.min()) if counts.min() == counts.max() else f"{counts.min()}–{counts.max()}"
@@ -54,7 +56,7 @@ def write(name: str, generator: str, df: pd.DataFrame, table: pd.DataFrame, verd
              f"(Bonferroni, family-wise 95%); equivalence margin ±{report.delta:g} points.", ""]
     lines += [f"- {sentence(r)}" for _, r in verdicts.iterrows()]
     unconverged = table[table["converged"] != "yes"]
-    lines += ["", CONVERGENCE.format(min_delta=100 * rule.min_delta, patience=rule.patience, cuts=rule.lr_cuts),
+    lines += ["", _schedule(df), "", *[f"{line}\n" for line in checks],
         "" if unconverged.empty else f"**{len(unconverged)} of {len(table)} conditions did not converge**; "
         "their rows below and every claim resting on them are inconclusive.", ""]
     lines += ["## Per condition", "",
@@ -96,6 +98,19 @@ def write(name: str, generator: str, df: pd.DataFrame, table: pd.DataFrame, verd
     if df.attrs["ignored"]:
         lines += [f"({df.attrs['ignored']} stored trials of another identity were left out.)", ""]
     return "\n".join(lines)
+
+
+def _schedule(df: pd.DataFrame) -> str:
+    """The schedule in words, from every trial's settings (a schedule setting may be a factor)."""
+    configs = [TrialConfig.from_dict(s) for s in df["settings"]]
+
+    def values(get) -> str:
+        return " or ".join(sorted({f"{get(c):g}" if isinstance(get(c), float) else str(get(c)) for c in configs}))
+
+    steps = " or ".join(sorted({str(int(s)) for s in df["steps"] // df["epochs"]}))
+    return SCHEDULE.format(epochs=values(lambda c: c.epochs), steps=steps, warmup=values(lambda c: c.warmup),
+                           decay=values(lambda c: c.decay), settle=values(lambda c: 100 * c.settle),
+                           window=values(lambda c: quarter(c.epochs)[1]), unconverged=UNCONVERGED)
 
 
 def _grouping(near: dict) -> str:

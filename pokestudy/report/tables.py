@@ -35,7 +35,8 @@ def trials_frame(study: optuna.Study) -> pd.DataFrame:
             ignored += 1
             continue
         rows.append({**r.condition, "condition": condition_id(r.condition), "seed": r.seed, "trial": t.number,
-                     "converged": r.converged, "epochs": r.epochs, "best_epoch": r.best_epoch, "seconds": r.seconds,
+                     "budget": r.budget, "converged": r.converged, "epochs": r.epochs, "best_epoch": r.best_epoch,
+                     "seconds": r.seconds,
                      **r.final, "settings": r.settings, "history": r.history})
     if not rows:
         raise UserError(f"study {study.study_name!r} has no finished trials yet; run it with "

@@ -6,7 +6,8 @@ in the gap (and, beside it, in test accuracy) over matched trials — same seed,
 other factors. Intervals are Bonferroni-corrected for the number of claims (family-wise 95%).
 
 Labels, for the gap:
-- *inconclusive: not converged* — a condition the claim rests on did not reach its plateau;
+- *inconclusive: budget too short* — a condition the claim rests on was still learning at the end of
+  its budget (`train.settled`);
 - *closes the gap* — the interval lies below 0; *widens the gap* — above 0;
 - *equivalent within ±δ* — the interval lies inside ±δ (a TOST at the same family-wise level,
   conservatively, since the interval is 1 − α/m rather than 1 − 2α/m);
@@ -27,7 +28,7 @@ from pokestudy.report.tables import ALPHA, MIN_SEEDS, interval, paired
 from pokestudy.study.spec import ReportSpec
 
 CLOSES, WIDENS, EQUIVALENT = "closes the gap", "widens the gap", "equivalent within ±{delta:g} points"
-INCONCLUSIVE, UNCONVERGED = "inconclusive", "inconclusive: not converged"
+INCONCLUSIVE, UNCONVERGED = "inconclusive", "inconclusive: budget too short"
 INTERACTS = "the effect differs: {direction} gap"  # an interaction: the first factor's effect changes with the second
 
 

@@ -49,7 +49,8 @@ class TrialRecord:
     condition: dict[str, str]  # factor -> level name
     seed: int
     settings: dict[str, Any]  # the TrialConfig it ran with
-    converged: bool  # stopped by the plateau rule before the epoch cap
+    budget: float  # the multiple of the study's budget it trained for: 1, or the budget check's factor
+    converged: bool  # the finished curve was flat over the last quarter of the budget (`train.settled`)
     epochs: int
     best_epoch: int  # the epoch of the best validation accuracy
     seconds: float
@@ -76,6 +77,7 @@ class TrialRecord:
         aligned by any Markdown renderer)."""
         own = {k: v for k, v in self.settings.items() if k not in (*fixed, *self.condition, "seed", "res")}
         columns = ["lr", *[k for k in self.history if k.endswith(("_acc", "gap")) and not k.endswith("augmented")]]
+        budget = f" at {self.budget:g}× the study's budget" if self.budget != 1 else ""
         names = [c.removesuffix("_acc") for c in columns]
         width = max(7, *map(len, names))
 
@@ -84,10 +86,13 @@ class TrialRecord:
 
         rows = [row([str(e + 1), *(f"{self.history[c][e]:.0e}" if c == "lr" else f"{100 * self.history[c][e]:.1f}"
                                    for c in columns)]) for e in range(self.epochs)]
-        state = "converged (stopped by the plateau rule)" if self.converged else "not converged (reached the epoch cap)"
+        rises = ", ".join(f"{k.removesuffix('_acc_rise')} {100 * self.final[k]:+.1f}" for k in ("train_acc_rise",
+                                                                                                "val_acc_rise"))
+        state = (f"converged (last-quarter rise: {rises} points)" if self.converged
+                 else f"NOT converged: the budget was too short (last-quarter rise: {rises} points)")
         return "\n".join([
-            f"**{', '.join(f'{k}={v}' for k, v in self.condition.items())}**, seed {self.seed}: {state} "
-            f"after {self.epochs} epochs ({self.seconds:.0f} s)", "",
+            f"**{', '.join(f'{k}={v}' for k, v in self.condition.items())}**, seed {self.seed}{budget}: {self.epochs} "
+            f"epochs ({self.seconds:.0f} s), {state}", "",
             "Settings of this condition (beyond the study's fixed ones): "
             + (", ".join(f"{k}={v}" for k, v in own.items()) or "none"), "",
             "Accuracy and gap in % per epoch:", "", "```", row(["epoch", *names]), *rows, "```"])
@@ -95,7 +100,7 @@ class TrialRecord:
     def display(self) -> dict[str, Any]:
         """What a person scanning trials in optuna-dashboard wants, each short enough for one line."""
         shown = {k: round(v, 4) for k, v in self.final.items() if k.endswith(("_acc", "gap")) and "augmented" not in k}
-        return {"condition": condition_id(self.condition), "seed": self.seed,
+        return {"condition": condition_id(self.condition), "seed": self.seed, "budget": self.budget,
                 "converged": self.converged, "epochs": self.epochs, **shown}
 
 

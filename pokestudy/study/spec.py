@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
@@ -24,7 +24,7 @@ from pokestudy.data import MAX_RES, MIN_RES
 from pokestudy.train import TrialConfig
 
 STUDIES = resources.files("pokestudy") / "studies"  # shipped inside the package: works after `pip install .`
-SETTINGS = {f.name for f in fields(TrialConfig)} - {"seed", "device", "res"}
+SETTINGS = set(TrialConfig.model_fields) - {"seed", "device", "res"}
 Scalar = str | int | float | bool
 
 
@@ -93,6 +93,15 @@ class Contrast(Strict):
     reference: str
 
 
+class BudgetCheck(Strict):
+    """Is the budget enough? The first `seeds` seeds of every condition run again at `factor` times the
+    epochs (the same schedule, stretched); a claim whose label differs between the two budgets is
+    reported *budget-dependent*. Adds trials, changes none, so it is not part of the identity."""
+
+    factor: float = Field(2.0, gt=1)
+    seeds: int | None = Field(None, ge=1)  # how many of the study's seeds, the first ones; None: all
+
+
 class ReportSpec(Strict):
     """What the report analyses: the family of claims (every main effect, plus these contrasts and
     interactions), the equivalence margin and an optional reference result. Changing it changes no
@@ -114,6 +123,7 @@ class Study(Strict):
     fixed: dict[str, Scalar] = {}
     nuisance: Nuisance | None = None
     seeds: list[int] = Field(min_length=1)
+    budget_check: BudgetCheck | None = None
     resources: Resources = Resources()
     report: ReportSpec = ReportSpec()
 
@@ -171,11 +181,21 @@ class Study(Strict):
         return out
 
     def trials(self, tuned: dict[str, dict[str, Any]] | None = None) -> list["Work"]:
-        """The seeded trials; `tuned` maps a condition id to its chosen nuisance values."""
+        """The seeded trials, then those of the budget check; `tuned` maps a condition id to its chosen
+        nuisance values."""
         tuned = tuned or {}
-        return [Work(key=f"{condition_id(c)}/seed={s}", condition=c, seed=s,
-                     settings={**self.settings(c, s), **tuned.get(condition_id(c), {})})
-                for c in self.conditions() for s in self.seeds]
+        out = []
+        for c in self.conditions():
+            for s in self.seeds:
+                out.append(Work(key=f"{condition_id(c)}/seed={s}", condition=c, seed=s,
+                                settings={**self.settings(c, s), **tuned.get(condition_id(c), {})}))
+        check = self.budget_check
+        for base in (out[:] if check else []):
+            if base.seed in self.seeds[:check.seeds]:
+                epochs = round(TrialConfig.from_dict(base.settings).epochs * check.factor)
+                out.append(Work(key=f"{base.key}/budget={check.factor:g}x", condition=base.condition, seed=base.seed,
+                                settings={**base.settings, "epochs": epochs}, budget=check.factor))
+        return out
 
     def design(self) -> dict[str, Any]:
         """The part of the spec that trial results depend on. Seeds may grow or shrink (each trial
@@ -191,6 +211,7 @@ class Work:
     condition: dict[str, str]
     seed: int
     settings: dict[str, Any]
+    budget: float = 1.0  # the multiple of the study's budget it trains for (the budget check's trials: > 1)
 
 
 def condition_id(condition: dict[str, str]) -> str:

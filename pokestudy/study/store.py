@@ -163,10 +163,10 @@ class Store:
         final = summary["final"]
         # per-epoch accuracies and gaps to 4 significant digits (finer than one image in 10,000): a small record
         history = {k: [float(f"{r[k]:.4g}") for r in summary["history"]] for k in final
-                   if k.endswith(("_acc", "gap")) or k in ("lr", "train_acc_augmented")}
+                   if k.endswith(("_acc", "gap")) or k in ("lr", "train_acc_augmented", "train_eval_n")}
         record = TrialRecord(
             key=work.key, identity=self.identity, condition=work.condition, seed=work.seed, settings=work.settings,
-            converged=summary["converged"], epochs=int(final["epoch"]), best_epoch=int(summary["best"]["epoch"]),
+            budget=work.budget, converged=summary["converged"], epochs=int(final["epoch"]), best_epoch=int(summary["best"]["epoch"]),
             seconds=final["seconds"], images_per_s=final["images_per_s"],
             final={k: v for k, v in final.items() if k not in ("epoch", "seconds", "images_per_s", "lr")},
             history=history)

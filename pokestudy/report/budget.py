@@ -1,0 +1,95 @@
+"""Was the budget enough, and could training length have decided anything? Two checks on the trials.
+
+- The **budget check**: the spec's `budget_check` reruns replicates at k times the budget. Each claim
+  is labelled again on those trials and compared with its label at the study's budget *on the same
+  replicates*, so a change of label is the budget's doing, not fewer pairs'. A claim whose label
+  changes is *budget-dependent*.
+- The **length check**: where the epochs trained can differ between trials of one condition (an
+  adaptive rule, a study whose records mix budgets), whether they predict final test accuracy within
+  the condition — the confound that a stall-driven learning-rate rule once created. With the shipped
+  fixed schedule every trial of a condition trains the same steps at the same learning rates, and the
+  check says so.
+"""
+
+from __future__ import annotations
+
+import pandas as pd
+from scipy import stats
+from statsmodels.stats.multitest import multipletests
+
+from pokestudy.report.tables import ALPHA
+from pokestudy.report.verdicts import verdicts
+from pokestudy.study.spec import ReportSpec
+
+HOLDS, DEPENDENT, UNCHECKED = "holds", "budget-dependent", "not checked"
+
+
+def split_budgets(df: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The study's own trials (budget 1) and those of its budget check (a larger multiple)."""
+    return df[df["budget"] == 1], df[df["budget"] != 1]
+
+
+def budget_check(main: pd.DataFrame, longer: pd.DataFrame, report: ReportSpec) -> pd.DataFrame:
+    """One row per claim: its label at the study's budget on the replicates that also ran longer, its
+    label at the longer budget, both gap differences, and the outcome (holds / budget-dependent)."""
+    if longer.empty:
+        return pd.DataFrame()
+    factor = float(longer["budget"].iloc[0])
+    seeds = set(longer["seed"])
+    short = verdicts(main[main["seed"].isin(seeds)], report)
+    long = verdicts(longer, report)
+    out = pd.DataFrame({"claim": short["claim"], "replicates": len(seeds), "budget_factor": factor,
+                        "verdict_at_budget": short["verdict"], f"verdict_at_{factor:g}x": long["verdict"],
+                        "gap_diff_at_budget": short["gap_diff"], f"gap_diff_at_{factor:g}x": long["gap_diff"]})
+    out["budget_check"] = [UNCHECKED if "not run yet" in b or "not run yet" in a else HOLDS if a == b else DEPENDENT
+                           for a, b in zip(out["verdict_at_budget"], out[f"verdict_at_{factor:g}x"])]
+    return out
+
+
+def length_check(df: pd.DataFrame) -> pd.DataFrame:
+    """Per condition: how many epochs its trials trained, and, where that differs between them,
+    Spearman's correlation of epochs with final test accuracy and its Holm-corrected p-value (over the
+    conditions tested). `flag` is set where training length predicts the result."""
+    rows = []
+    for cid, group in df.groupby("condition", sort=False):
+        epochs = sorted(group["epochs"].unique())
+        varies = len(epochs) > 1 and len(group) >= 3
+        rho, p = stats.spearmanr(group["epochs"], group["test_acc"]) if varies else (float("nan"), float("nan"))
+        rows.append({"condition": cid, "trials": len(group), "epochs": " / ".join(map(str, epochs)),
+                     "spearman_epochs_test": rho, "p": p})
+    out = pd.DataFrame(rows)
+    tested = out["p"].notna()
+    out["p_holm"] = float("nan")
+    if tested.any():
+        out.loc[tested, "p_holm"] = multipletests(out.loc[tested, "p"], alpha=ALPHA, method="holm")[1]
+    out["flag"] = out["p_holm"] < ALPHA
+    return out
+
+
+def sentences(budget: pd.DataFrame, lengths: pd.DataFrame) -> list[str]:
+    """The summary's lines on both checks."""
+    lines = []
+    if budget.empty:
+        lines.append("**Budget check: not run** (the spec has no `budget_check`): whether more training would "
+                     "change a label is not known.")
+    else:
+        factor = budget["budget_factor"].iloc[0]
+        dependent = budget[budget["budget_check"] == DEPENDENT]
+        lines.append(f"**Budget check** ({budget['replicates'].iloc[0]} replicates rerun at {factor:g}× the budget; "
+                     "each claim labelled on the same replicates at both budgets): "
+                     + (f"every label held." if dependent.empty else
+                        f"{len(dependent)} of {len(budget)} claims are **budget-dependent**: "
+                        + "; ".join(f"{r['claim']} ({r['verdict_at_budget']} → {r[f'verdict_at_{factor:g}x']})"
+                                    for _, r in dependent.iterrows()) + "."))
+    varying = lengths[lengths["epochs"].str.contains("/")]
+    if varying.empty:
+        lines.append("**Training length** cannot predict a result here: within every condition all trials trained "
+                     "the same number of epochs under the same fixed schedule.")
+    else:
+        flagged = lengths[lengths["flag"]]
+        lines.append(f"**Training length varies** within {len(varying)} condition(s); "
+                     + ("it predicts test accuracy (Holm-corrected Spearman, α = 0.05) in "
+                        + ", ".join(flagged["condition"]) + ": those conditions' results depend on when training "
+                        "stopped." if not flagged.empty else
+                        "it does not detectably predict test accuracy in any of them (Holm-corrected Spearman)."))
+    return lines
