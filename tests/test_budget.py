@@ -78,6 +78,24 @@ def test_a_claim_whose_label_changes_at_twice_the_budget_is_budget_dependent(tmp
 
 
 @pytest.mark.fast
+def test_the_summary_shows_the_pilot_that_chose_the_budget(tmp_path: Path):
+    pilot = {"name": "pilot", "data": DATA, "seeds": [0], "fixed": {"width": 4},
+             "factors": {"arch": ["cnn", "resnet"], "epochs": [5, 10]}}
+    _store(tmp_path, pilot, lambda c, s, b: (1.0, {"5": 0.4, "10": 0.6}[c["epochs"]], int(c["epochs"])))
+    main = {"name": "main", "data": DATA, "seeds": [0, 1, 2], "fixed": {"width": 4, "epochs": 10},
+            "factors": {"arch": ["cnn", "resnet"]}, "budget_check": {"seeds": 1, "pilot": "pilot"}}
+    _store(tmp_path, main, lambda c, s, b: (1.0, 0.5 + NOISE[s], round(10 * b)))
+    assert pokestudy("report", "--study", "main", "--results", str(tmp_path)).returncode == 0
+    summary = (tmp_path / "main" / "summary.md").read_text()
+    assert "**The budget's pilot** (study `pilot`)" in summary
+    section = summary[summary.index("**The budget's pilot**"):].split("\n\n")[1]  # the pilot's table
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:4]] for line in section.splitlines()
+            if line.startswith(("| cnn", "| resnet"))}
+    assert rows == {"cnn": ["40", "60"], "resnet": ["40", "60"]}, "validation accuracy in % at 5 and 10 epochs"
+    assert "Budget check: not checked" in summary, "one replicate at 2x: too few pairs to label, so not checked"
+
+
+@pytest.mark.fast
 def test_training_length_that_predicts_test_accuracy_within_a_condition_is_flagged(tmp_path: Path):
     raw = {"name": "lengths", "data": DATA, "seeds": list(range(8)), "fixed": {"width": 4},
            "factors": {"treatment": {"a": {}, "b": {"dropout": 0.1}}}}

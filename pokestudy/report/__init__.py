@@ -40,7 +40,7 @@ def build(url: str, name: str, results: Path, formats: tuple[str, ...], generato
     checked = budget.budget_check(df, longer, spec.report)
     if not checked.empty:
         claims["budget_check"] = checked["budget_check"].to_numpy()
-    checks = budget.sentences(checked, budget.length_check(df))
+    checks = budget.sentences(checked, budget.length_check(df), _pilot(url, spec))
     tuning = tuning_table(url, name, df, spec)
     written = [*tables.export(everything.drop(columns=["history", "settings"]), out, "trials", ("csv",)),
                *tables.export(table, out, "gap", formats), *tables.export(claims, out, "verdicts", formats)]
@@ -86,6 +86,19 @@ def tuning_table(url: str, name: str, df: pd.DataFrame, spec: Study) -> pd.DataF
                      "optimism_points": round(100 * (best.value - group["val_acc"].mean()), 1),
                      "range_check": f"extend the range: {', '.join(edges)} at its edge" if edges else "inside"})
     return pd.DataFrame(rows)
+
+
+def _pilot(url: str, spec: Study) -> tuple[str, pd.DataFrame] | None:
+    """The budget's pilot study, when the spec names one: its validation accuracy per budget tried,
+    or an empty table when it is not in this storage."""
+    name = spec.budget_check.pilot if spec.budget_check else None
+    if name is None:
+        return None
+    study = find_study(url, name)
+    if study is None or not study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+        return name, pd.DataFrame()
+    pilot = tables.trials_frame(study)
+    return name, budget.pilot_table(pilot, pilot.attrs["factors"])
 
 
 def _near_edge(value: float, r: Range, within: float = 0.1) -> bool:

@@ -41,9 +41,18 @@ def budget_check(main: pd.DataFrame, longer: pd.DataFrame, report: ReportSpec) -
     out = pd.DataFrame({"claim": short["claim"], "replicates": len(seeds), "budget_factor": factor,
                         "verdict_at_budget": short["verdict"], f"verdict_at_{factor:g}x": long["verdict"],
                         "gap_diff_at_budget": short["gap_diff"], f"gap_diff_at_{factor:g}x": long["gap_diff"]})
-    out["budget_check"] = [UNCHECKED if "not run yet" in b or "not run yet" in a else HOLDS if a == b else DEPENDENT
-                           for a, b in zip(out["verdict_at_budget"], out[f"verdict_at_{factor:g}x"])]
+    unlabelled = ("inconclusive: not run yet", "inconclusive: fewer than")  # too few pairs to say either way
+    out["budget_check"] = [UNCHECKED if any(x.startswith(unlabelled) for x in (a, b)) else HOLDS if a == b
+                           else DEPENDENT for a, b in zip(out["verdict_at_budget"], out[f"verdict_at_{factor:g}x"])]
     return out
+
+
+def pilot_table(pilot: pd.DataFrame, factors: list[str]) -> pd.DataFrame:
+    """The pilot study that chose the budget, one row per condition of its factors other than the
+    budget: mean validation accuracy, in %, at each budget (epochs) it tried."""
+    others = [f for f in factors if f != "epochs"]
+    wide = pilot.pivot_table(index=others, columns="epochs", values="val_acc", aggfunc="mean") * 100
+    return wide.round(1).rename(columns=lambda e: f"{e} epochs").reset_index()
 
 
 def length_check(df: pd.DataFrame) -> pd.DataFrame:
@@ -66,9 +75,14 @@ def length_check(df: pd.DataFrame) -> pd.DataFrame:
     return out
 
 
-def sentences(budget: pd.DataFrame, lengths: pd.DataFrame) -> list[str]:
-    """The summary's lines on both checks."""
+def sentences(budget: pd.DataFrame, lengths: pd.DataFrame, pilot: tuple[str, pd.DataFrame] | None) -> list[str]:
+    """The summary's lines on the pilot that chose the budget and on both checks."""
     lines = []
+    if pilot is not None:
+        name, table = pilot
+        lines.append(f"**The budget's pilot** (study `{name}`): validation accuracy in % at each budget tried "
+                     "(epochs):\n\n" + table.to_markdown(index=False) if not table.empty else
+                     f"**The budget's pilot** (study `{name}`) is not in this storage; its numbers are in the spec.")
     if budget.empty:
         lines.append("**Budget check: not run** (the spec has no `budget_check`): whether more training would "
                      "change a label is not known.")

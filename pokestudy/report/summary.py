@@ -54,7 +54,8 @@ def write(name: str, generator: str, df: pd.DataFrame, table: pd.DataFrame, verd
              f"{verdicts.attrs['claims']} claims, each a paired difference (level − reference, matched on seed and "
              f"the other factors), with intervals corrected for all {verdicts.attrs['claims']} "
              f"(Bonferroni, family-wise 95%); equivalence margin ±{report.delta:g} points.", ""]
-    lines += [f"- {sentence(r)}" for _, r in verdicts.iterrows()]
+    lines += [f"- {sentence(r)}" + (f" Budget check: {r['budget_check']}." if "budget_check" in r else "")
+              for _, r in verdicts.iterrows()]
     unconverged = table[table["converged"] != "yes"]
     lines += ["", _schedule(df), "", *[f"{line}\n" for line in checks],
         "" if unconverged.empty else f"**{len(unconverged)} of {len(table)} conditions did not converge**; "

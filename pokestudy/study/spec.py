@@ -100,6 +100,7 @@ class BudgetCheck(Strict):
 
     factor: float = Field(2.0, gt=1)
     seeds: int | None = Field(None, ge=1)  # how many of the study's seeds, the first ones; None: all
+    pilot: str | None = None  # the study that chose the budget (an `epochs` factor): the report shows its curve
 
 
 class ReportSpec(Strict):
