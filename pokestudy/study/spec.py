@@ -219,6 +219,11 @@ def condition_id(condition: dict[str, str]) -> str:
     return ",".join(f"{k}={v}" for k, v in condition.items())
 
 
+def tuning_study(study: str, condition: str) -> str:
+    """The Optuna study that holds a condition's tuning trials (`condition` is its `condition_id`)."""
+    return f"{study}.tune.{condition}"
+
+
 def digest(value: Any) -> str:
     """A short stable hash of any JSON-able value."""
     return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()[:12]
