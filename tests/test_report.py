@@ -123,7 +123,7 @@ def _stored_study(tmp_path: Path, raw: dict, outcome) -> tuple[str, Path]:
     plan = spec.trials()
     for work in plan:
         store.start(work, grid_distributions(plan))
-        images = round(len(data.sets["train"][1]) * float(work.condition.get("train_fraction", 1)))
+        images = round(len(data.sets["train"][1]) * float(work.settings.get("train_fraction", 1)))
         store.complete(work, _summary(*outcome(work.condition, work.seed), predictions=len(data.sets["test"][1]),
                                       train_images=images))
     return url, tmp_path
@@ -202,17 +202,19 @@ def test_the_gap_against_data_size_gets_a_power_law_and_an_extrapolation_or_a_re
     assert out.returncode == 0, out.stderr
     fits = pd.read_csv(tmp_path / "sizes" / "scaling.csv").set_index("arch")
     cnn, resnet = fits.loc["cnn"], fits.loc["resnet"]
-    assert abs(cnn["exponent"] - 0.5) < 0.05 and cnn["n_target_lo"] < 64 < cnn["n_target_hi"]
+    assert abs(-cnn["power_slope"] - 0.5) < 0.05 and cnn["n_target_lo"] < 64 < cnn["n_target_hi"]
+    assert cnn["form"] == "power law" and cnn["loglinear_status"].startswith("rejected")
     assert resnet["n_target"] != resnet["n_target"] and resnet["extrapolation"].startswith("refused")
     summary = (tmp_path / "sizes" / "summary.md").read_text()
-    assert "the gap would fall to 10 points at ≈ 64 images per class" in summary
+    assert "set by the factor `train_fraction`" in summary
+    assert "The gap would fall to 10 points at ≈ 64 images per class [" in summary
     assert "an extrapolation 4× beyond the largest size measured" in summary
     assert "**arch=resnet** (2–16 images per class)" in summary
     assert (tmp_path / "sizes" / "scaling.png").stat().st_size > 5000
-    from pokestudy.report.scaling import fit_power_law
+    from pokestudy.report.scaling import fit_forms
 
     clustered = np.log(np.repeat([4.0, 4.5, 5.0, 10.0], 3))  # e.g. one animation or two per class: two sizes
-    refused = fit_power_law(clustered, 0.8 * np.exp(clustered) ** -0.5, True, 0.95)["extrapolation"]
+    refused = fit_forms(clustered, 0.8 * np.exp(clustered) ** -0.5, np.tile([0, 1, 2], 4), True, 0.95)["extrapolation"]
     assert refused.startswith("refused: 2 distinct sizes")
 
 
@@ -228,8 +230,8 @@ def test_compare_two_runs_of_one_design_on_different_data_rules(tmp_path: Path):
     assert "**arch=cnn**, test accuracy: 70.2 (exact) → 60.2 (near), -10.0 points [" in out.stdout
     table = pd.read_csv(tmp_path / "exact-vs-near" / "comparison.csv").set_index(["condition", "metric"])["verdict"]
     assert table.to_dict() == {("arch=cnn", "test_acc"): "lower", ("arch=cnn", "gap"): "higher",
-                               ("arch=resnet", "test_acc"): "not distinguishable",
-                               ("arch=resnet", "gap"): "not distinguishable"}
+                               ("arch=resnet", "test_acc"): "inconclusive",
+                               ("arch=resnet", "gap"): "inconclusive"}  # the verdicts' labeller: no third wording
     summary = (tmp_path / "exact-vs-near" / "summary.md").read_text()
     assert "What differs: data.near_duplicates: (none) → 12." in summary and "4 claims" in summary
     other = {**raw, "name": "other", "factors": {"width": [4, 8]}, "fixed": {}}
@@ -240,20 +242,21 @@ def test_compare_two_runs_of_one_design_on_different_data_rules(tmp_path: Path):
 
 @pytest.mark.fast
 def test_a_full_record_round_trips_through_sqlite_into_the_reports_frame(tmp_path: Path):
-    from pokestudy.report.tables import trials_frame
+    from pokestudy.report.tables import factors, read
     from pokestudy.study.record import StudyRecord
 
     raw = {"name": "roundtrip", "data": {"source": "synthetic:classes=4,per_class=12,size=32", "res": 32},
            "factors": {"arch": ["cnn", "resnet"]}, "seeds": [0, 1, 2], "fixed": {"width": 4}}
     url, _ = _stored_study(tmp_path, raw, lambda c, s: (0.9, 0.5 + NOISE[s], s != 2))
     study = optuna.load_study(study_name="roundtrip", storage=url)
-    df = trials_frame(study)
-    assert df.attrs["study"] == StudyRecord.from_study(study) and df.attrs["factors"] == ["arch"]
+    trials = read(study)
+    df = trials.frame
+    assert trials.record == StudyRecord.from_study(study) and factors(df) == ["arch"] and trials.ignored == 0
     for t in study.trials:
         r = TrialRecord.from_trial(t)
         row = df[df["trial"] == t.number].iloc[0]
-        assert (row["arch"], row["seed"], row["converged"], row["epochs"]) == (r.condition["arch"], r.seed,
-                                                                                 r.converged, r.epochs)
+        assert (row["factor:arch"], row["seed"], row["converged"], row["epochs"]) == (r.condition["arch"], r.seed,
+                                                                                        r.converged, r.epochs)
         assert {k: row[k] for k in r.final} == r.final and row["history"] == r.history
         assert t.user_attrs == r.display() | {"key": r.key, "identity": r.identity}
     with pytest.raises(UserError, match="has no pokestudy record"):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable
 
@@ -21,7 +22,7 @@ from optuna.artifacts.exceptions import ArtifactNotFound
 from pokestudy import UserError
 from pokestudy.report import budget, figures, scaling, summary, tables, verdicts
 from pokestudy.study.record import StudyRecord, TrialRecord
-from pokestudy.study.spec import Range, Study, condition_id
+from pokestudy.study.spec import Range, Study, condition_id, tuning_study
 from pokestudy.study.store import artifact_store, find_study, open_study, read_artifact, storage
 
 
@@ -31,39 +32,44 @@ def build(url: str, name: str, results: Path, formats: tuple[str, ...], generato
     study = open_study(url, name)
     out = results / name
     out.mkdir(parents=True, exist_ok=True)
-    everything = tables.trials_frame(study)
-    df, longer = budget.split_budgets(everything)  # the study's budget; its budget check's longer trials
-    info = df.attrs["study"]
-    spec = info.study
+    everything = tables.read(study)
+    df, longer = budget.split_budgets(everything.frame)  # the study's budget; its budget check's longer trials
+    trials = replace(everything, frame=df)
+    spec, classes = trials.spec, trials.record.data["classes"]
     table = tables.gap_table(df)
-    claims = verdicts.verdicts(df, spec.report)
+    analysis = verdicts.analyse(df, spec.report)
+    claims = analysis.verdicts
     checked = budget.budget_check(df, longer, spec.report)
     if not checked.empty:
         claims["budget_check"] = checked["budget_check"].to_numpy()
     checks = budget.sentences(checked, budget.length_check(df), _pilot(url, spec))
     tuning = tuning_table(url, name, df, spec)
-    written = [*tables.export(everything.drop(columns=["history", "settings"]), out, "trials", ("csv",)),
+    written = [*tables.export(everything.frame.drop(columns=["history", "settings"]), out, "trials", ("csv",)),
                *tables.export(table, out, "gap", formats), *tables.export(claims, out, "verdicts", formats)]
+    if not analysis.simple.empty:
+        written += tables.export(analysis.simple, out, "simple_effects", formats)
     if not checked.empty:
         factor = f"{checked['budget_factor'].iloc[0]:g}x"
         written += [*tables.export(checked, out, "budget_check", formats),
                     *tables.export(tables.gap_table(longer), out, f"gap_at_{factor}", formats)]
     if not tuning.empty:
         written += tables.export(tuning, out, "tuning", formats)
-    sizes = scaling.fits(df) if scaling.FACTOR in df.attrs["factors"] and "train_images" in df else pd.DataFrame()
-    if not sizes.empty:
-        written += tables.export(sizes, out, "scaling", formats)
+    sizes = scaling.analyse(df, spec, classes)
+    if sizes is not None:
+        written += tables.export(sizes.fits, out, "scaling", formats)
     pngs = [figures.curves(df, out), figures.gaps(table, spec.report.reference, out), figures.tradeoff(table, out),
-            figures.effects_over_epochs(df, out), figures.scaling(df, sizes, out) if not sizes.empty else None,
-            *_data_figures(url, study, info.data, df, results)]
+            figures.effects_over_epochs(df, analysis.confidence, out),
+            figures.scaling(df, sizes, classes, out) if sizes is not None else None,
+            *_data_figures(url, study, trials.record.data, df, results)]
     pngs = [p for p in pngs if p is not None]
-    text = summary.write(name, generator, df, table, claims, checks, tuning, sizes, {p.name: p.name for p in pngs})
-    (out / "summary.md").write_text(text)
-    _publish(url, study, results, pngs,
-             lambda links: summary.write(name, generator, df, table, claims, checks, tuning, sizes, links,
-                                           padded=True))
-    print(tables.readable(claims)[["claim", "verdict", "gap", "test"]].to_string(index=False) if len(claims)
-          else "no claims: every factor of this study has a single level")
+
+    def note(links: dict[str, str], padded: bool = False) -> str:
+        return summary.write(name, generator, trials, table, analysis, checks, tuning, sizes, links, padded=padded)
+
+    (out / "summary.md").write_text(note({p.name: p.name for p in pngs}))
+    _publish(url, study, results, pngs, lambda links: note(links, padded=True))
+    print(tables.readable(analysis.verdicts)[["claim", "verdict", "gap", "test"]].to_string(index=False)
+          if len(analysis.verdicts) else "no claims: every factor of this study has a single level")
     print(f"\nwritten to {out}/: {', '.join(p.name for p in [*written, *pngs])}, summary.md", file=sys.stderr)
     return out
 
@@ -76,12 +82,12 @@ def tuning_table(url: str, name: str, df: pd.DataFrame, spec: Study) -> pd.DataF
     ranges = spec.nuisance.params
     rows = []
     for cid, group in df.groupby("condition", sort=False):
-        tuning = find_study(url, f"{name}.tune.{cid}")
+        tuning = find_study(url, tuning_study(name, cid))
         if tuning is None or not tuning.best_trials:
             continue
         best = tuning.best_trial
         edges = [k for k, r in ranges.items() if _near_edge(best.params[k], r)]
-        rows.append({**{f: group[f].iloc[0] for f in df.attrs["factors"]}, **best.params,
+        rows.append({**{tables.column(f): group[tables.column(f)].iloc[0] for f in tables.factors(df)}, **best.params,
                      "tuning_trials": len(tuning.trials), "best_tuning_val_acc": best.value,
                      "optimism_points": round(100 * (best.value - group["val_acc"].mean()), 1),
                      "range_check": f"extend the range: {', '.join(edges)} at its edge" if edges else "inside"})
@@ -97,8 +103,7 @@ def _pilot(url: str, spec: Study) -> tuple[str, pd.DataFrame] | None:
     study = find_study(url, name)
     if study is None or not study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
         return name, pd.DataFrame()
-    pilot = tables.trials_frame(study)
-    return name, budget.pilot_table(pilot, pilot.attrs["factors"])
+    return name, budget.pilot_table(tables.read(study).frame)
 
 
 def _near_edge(value: float, r: Range, within: float = 0.1) -> bool:
@@ -109,23 +114,34 @@ def _near_edge(value: float, r: Range, within: float = 0.1) -> bool:
 
 def _data_figures(url: str, study: optuna.Study, manifest: dict, df: pd.DataFrame, results: Path) -> list[Path]:
     """Figures that need the test images and each trial's test predictions: the prediction grid and
-    the confusions. They need the data (cache-backed) and the artifact store of the results folder."""
+    the confusions. They need the data (cache-backed) and the artifact store of the results folder,
+    and the same data the study ran on: a changed folder would mislabel every prediction."""
     from pokestudy.data import prepare
 
     try:
         data = prepare(manifest["data"], manifest["res"], manifest["split_seed"], tuple(manifest["fractions"]),
-                       near_duplicates=manifest.get("near_duplicates", {}).get("threshold", 0))  # the test split
+                       near_duplicates=manifest["near_duplicates"]["threshold"])  # the test split
+    except UserError as e:
+        print(f"pokestudy: prediction figures skipped: the study's data is not here ({e})", file=sys.stderr)
+        return []
+    if data.manifest["fingerprint"] != manifest["fingerprint"]:
+        print(f"pokestudy: prediction figures skipped: the data changed since the study ran (fingerprint "
+              f"{manifest['fingerprint']} → {data.manifest['fingerprint']})", file=sys.stderr)
+        return []
+    try:
         store, trials = artifact_store(results), study.get_trials(deepcopy=False)
         predictions = pd.Series({n: json.loads(read_artifact(store, url, trials[n], "test_predictions.json"))
                                  for n in df["trial"]})
-    except (UserError, KeyError, ArtifactNotFound) as e:
-        print(f"pokestudy: prediction figures skipped: the study's data or its trials' predictions are not here "
+    except (KeyError, ArtifactNotFound) as e:
+        print(f"pokestudy: prediction figures skipped: the trials' predictions are not here "
               f"({type(e).__name__}: {e})", file=sys.stderr)
         return []
     images, labels = data.sets["test"]
-    first = df.attrs["factors"][0]  # one model per level of the first factor, the best on validation
-    best = df.loc[df.groupby(first)["val_acc"].idxmax()]
-    runs = {f"best {first}={r[first]} (val)\n{r['condition']}": predictions[r["trial"]] for _, r in best.iterrows()}
+    names = tables.factors(df)
+    first = tables.column(names[0])  # one model per level of the first factor, the best on validation
+    best = df.loc[df.groupby(first, observed=True)["val_acc"].idxmax()]
+    runs = {f"best {names[0]}={r[first]} (val)\n{tables.cell({f: r[tables.column(f)] for f in names})}":
+            predictions[r["trial"]] for _, r in best.iterrows()}
     truth = labels.tolist()
     pairs: dict[tuple[str, str], int] = {}
     for pred in predictions:

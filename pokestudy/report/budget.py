@@ -17,7 +17,7 @@ import pandas as pd
 from scipy import stats
 from statsmodels.stats.multitest import multipletests
 
-from pokestudy.report.tables import ALPHA
+from pokestudy.report.tables import ALPHA, column, factors, public
 from pokestudy.report.verdicts import verdicts
 from pokestudy.study.spec import ReportSpec
 
@@ -47,12 +47,12 @@ def budget_check(main: pd.DataFrame, longer: pd.DataFrame, report: ReportSpec) -
     return out
 
 
-def pilot_table(pilot: pd.DataFrame, factors: list[str]) -> pd.DataFrame:
+def pilot_table(pilot: pd.DataFrame) -> pd.DataFrame:
     """The pilot study that chose the budget, one row per condition of its factors other than the
-    budget: mean validation accuracy, in %, at each budget (epochs) it tried."""
-    others = [f for f in factors if f != "epochs"]
-    wide = pilot.pivot_table(index=others, columns="epochs", values="val_acc", aggfunc="mean") * 100
-    return wide.round(1).rename(columns=lambda e: f"{e} epochs").reset_index()
+    budget: mean validation accuracy, in %, at each budget (epochs trained) it tried."""
+    others = [column(f) for f in factors(pilot) if f != "epochs"]
+    wide = pilot.pivot_table(index=others, columns="epochs", values="val_acc", aggfunc="mean", observed=True) * 100
+    return public(wide.round(1).rename(columns=lambda e: f"{e} epochs").reset_index())
 
 
 def length_check(df: pd.DataFrame) -> pd.DataFrame:

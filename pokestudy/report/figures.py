@@ -7,6 +7,7 @@ Each function takes tables already computed from the storage and returns the wri
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import matplotlib
 import matplotlib.ticker
@@ -16,10 +17,28 @@ import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import torch  # noqa: E402
-from scipy import stats  # noqa: E402
 
-from pokestudy.report.tables import extra_metrics, interval  # noqa: E402
+from pokestudy.report.stats import mean_interval  # noqa: E402
+from pokestudy.report.tables import cell, column, extra_metrics, factors, interval, levels  # noqa: E402
 from pokestudy.study.spec import Reference  # noqa: E402
+
+if TYPE_CHECKING:
+    from pokestudy.report.scaling import Sizes
+
+MARKERS = "os^DvPX<>ph*d"  # 13 distinct markers; colours are distinct for any number of conditions
+
+
+def styles(n: int) -> list[tuple[tuple[float, float, float, float], str]]:
+    """A distinct (colour, marker) per condition: tab20's colours (a continuous map beyond 20), and a
+    marker of its own for up to 13 conditions."""
+    colours = ([plt.cm.tab20(i) for i in range(n)] if n <= 20 else
+               [plt.cm.turbo(v) for v in np.linspace(0.05, 0.95, n)])
+    return [(c, MARKERS[i % len(MARKERS)]) for i, c in enumerate(colours)]
+
+
+def _row_label(row: pd.Series, names: list[str]) -> str:
+    """A condition in a figure, factors named: `arch=cnn · augment=none`."""
+    return cell({f: row[column(f)] for f in names})
 
 
 def _save(fig: plt.Figure, path: Path) -> Path:
@@ -45,7 +64,7 @@ def curves(df: pd.DataFrame, out: Path) -> Path:
             ax.plot(epochs, values.mean(0), colour, label=metric.replace("_acc", ""))
             ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
             ax.fill_between(epochs, values.min(0), values.max(0), color=colour, alpha=0.2)
-        ax.set_title(condition.replace(",", "\n"), fontsize=8)
+        ax.set_title(_row_label(group.iloc[0], factors(df)).replace(" · ", "\n"), fontsize=8)
         ax.grid(alpha=0.3)
     for ax in axes.flat[len(conditions):]:
         ax.axis("off")
@@ -68,8 +87,7 @@ def _padded(group: pd.DataFrame, metric: str) -> np.ndarray:
 def gaps(table: pd.DataFrame, reference: Reference | None, out: Path) -> Path:
     """The gap per condition (train − test, train − each extra set) with its 95% CI, beside a
     published reference result when the spec names one."""
-    factors = table.attrs["factors"]
-    labels = [", ".join(str(r[f]) for f in factors) for _, r in table.iterrows()]
+    labels = [_row_label(r, factors(table)) for _, r in table.iterrows()]
     metrics = ["gap", *[c[: -len("_mean")] for c in table.columns if c.endswith("_gap_mean")]]
     y = np.arange(len(table))
     fig, ax = plt.subplots(figsize=(7, 0.45 * len(table) + 1.5))
@@ -92,15 +110,15 @@ def gaps(table: pd.DataFrame, reference: Reference | None, out: Path) -> Path:
 def tradeoff(table: pd.DataFrame, out: Path) -> Path:
     """Test accuracy against the gap per condition, 95% CIs on both axes: a narrower gap is only
     better when test accuracy does not fall with it."""
-    factors = table.attrs["factors"]
-    fig, ax = plt.subplots(figsize=(7, 5))
-    for i, (_, r) in enumerate(table.iterrows()):
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for (_, r), (colour, marker) in zip(table.iterrows(), styles(len(table))):
         x, y = 100 * r["gap_mean"], 100 * r["test_acc_mean"]
         xerr = [[x - 100 * r["gap_lo"]], [100 * r["gap_hi"] - x]] if r["gap_lo"] == r["gap_lo"] else None
-        yerr = [[y - 100 * r["test_acc_lo"]], [100 * r["test_acc_hi"] - y]] if r["test_acc_lo"] == r["test_acc_lo"] else None
-        ax.errorbar(x, y, xerr=xerr, yerr=yerr, fmt="os^D"[i // 10 % 4], color=plt.cm.tab10(i % 10), capsize=3,
+        yerr = ([[y - 100 * r["test_acc_lo"]], [100 * r["test_acc_hi"] - y]] if r["test_acc_lo"] == r["test_acc_lo"]
+                else None)
+        ax.errorbar(x, y, xerr=xerr, yerr=yerr, fmt=marker, color=colour, capsize=3,
                     mfc="white" if r["converged"] != "yes" else None,
-                    label=", ".join(str(r[f]) for f in factors) + ("" if r["converged"] == "yes" else " (not converged)"))
+                    label=_row_label(r, factors(table)) + ("" if r["converged"] == "yes" else " (not converged)"))
     ax.set_xlabel("gap: train − test (points)")
     ax.set_ylabel("test accuracy (%)")
     ax.grid(alpha=0.3)
@@ -109,31 +127,34 @@ def tradeoff(table: pd.DataFrame, out: Path) -> Path:
     return _save(fig, out / "tradeoff.png")
 
 
-def scaling(df: pd.DataFrame, fitted: pd.DataFrame, out: Path) -> Path:
+def scaling(df: pd.DataFrame, sizes: "Sizes", classes: int, out: Path) -> Path:
     """Test accuracy and gap against training images per class (log x; the gap on log y, where a power
-    law is a line), mean ± 95% CI over seeds per size, per condition of the other factors, with the
-    fitted law carried on to the extrapolated size for a 10-point gap and that size's interval."""
-    from pokestudy.report.scaling import FACTOR, TARGET, per_class
+    law is a line), mean ± 95% CI over seeds per size, per condition of the other factors, with every
+    fitted form (power law dashed, log-linear dotted) carried on to the printed extrapolation, if any."""
+    from pokestudy.report.scaling import FORMS, TARGET, per_class
 
-    others = [f for f in df.attrs["factors"] if f != FACTOR]
     fig, (acc_ax, gap_ax) = plt.subplots(1, 2, figsize=(10, 4))
-    for i, (_, fit) in enumerate(fitted.iterrows()):
-        mask = np.logical_and.reduce([df[f] == fit[f] for f in others]) if others else np.ones(len(df), bool)
-        group = df[mask].assign(n=per_class(df[mask]))
-        label = ", ".join(str(fit[f]) for f in others) or "all"
+    for i, (_, fit) in enumerate(sizes.fits.iterrows()):
+        mask = (np.logical_and.reduce([df[column(f)] == fit[column(f)] for f in sizes.others]) if sizes.others
+                else np.ones(len(df), bool))
+        group = df[mask].assign(n=per_class(df[mask], classes))
+        label = cell({f: fit[column(f)] for f in sizes.others}) or "all"
         for ax, metric in ((acc_ax, "test_acc"), (gap_ax, "gap")):
-            by = group.groupby(FACTOR)
+            by = group.groupby(column(sizes.factor), observed=True)
             cis = by[metric].apply(interval)  # (mean, sd, lo, hi) per size; no interval under MIN_SEEDS
             mean, half = cis.map(lambda c: 100 * c[0]), cis.map(lambda c: 100 * (c[3] - c[2]) / 2)
             ax.errorbar(by["n"].mean(), mean, yerr=np.nan_to_num(half), fmt="o", color=f"C{i}", capsize=3, label=label)
-        if fit["exponent"] == fit["exponent"]:
-            end = fit["n_target_hi"] if fit["n_target_hi"] == fit["n_target_hi"] else group["n"].max()
-            grid = np.geomspace(group["n"].min(), max(end, group["n"].max()), 100)
-            gap_ax.plot(grid, 100 * np.exp(fit["intercept"] - fit["exponent"] * np.log(grid)), color=f"C{i}", ls="--", lw=1,
-                        label=f"{label}: b = {fit['exponent']:.2f}")
-            if fit["n_target"] == fit["n_target"]:
-                gap_ax.errorbar(fit["n_target"], 100 * TARGET, xerr=[[fit["n_target"] - fit["n_target_lo"]],
-                                [fit["n_target_hi"] - fit["n_target"]]], fmt="x", color=f"C{i}", capsize=4)
+        end = fit["n_target_hi"] if fit["n_target_hi"] == fit["n_target_hi"] else group["n"].max()
+        grid = np.geomspace(group["n"].min(), max(end, group["n"].max()), 100)
+        for form, style in zip(FORMS, ("--", ":")):
+            if fit[f"{form.key}_slope"] == fit[f"{form.key}_slope"]:
+                line = fit[f"{form.key}_intercept"] + fit[f"{form.key}_slope"] * np.log(grid)
+                gap = 100 * form.back(line)
+                keep = gap > 0  # the log-linear line crosses 0; the log axis cannot show it there
+                gap_ax.plot(grid[keep], gap[keep], color=f"C{i}", ls=style, lw=1, label=f"{label}: {form.name}")
+        if fit["n_target"] == fit["n_target"]:
+            gap_ax.errorbar(fit["n_target"], 100 * TARGET, xerr=[[fit["n_target"] - fit["n_target_lo"]],
+                            [fit["n_target_hi"] - fit["n_target"]]], fmt="x", color=f"C{i}", capsize=4)
     gap_ax.axhline(100 * TARGET, color="grey", lw=0.8, ls=":")
     gap_ax.set_yscale("log")
     for ax, name in ((acc_ax, "test accuracy (%)"), (gap_ax, "gap: train − test (points, log)")):
@@ -146,29 +167,29 @@ def scaling(df: pd.DataFrame, fitted: pd.DataFrame, out: Path) -> Path:
         axis.set_major_locator(matplotlib.ticker.LogLocator(subs=(1, 2, 5)))
         axis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
         axis.set_minor_formatter(matplotlib.ticker.NullFormatter())
-    gap_ax.set_title(f"dashed: fitted power law; ×: where it reaches {100 * TARGET:.0f} points (interval, "
-                     "extrapolated)", fontsize=8)
+    gap_ax.set_title(f"dashed: power law · dotted: log-linear · ×: {100 * TARGET:.0f} points where the forms agree",
+                     fontsize=8)
     acc_ax.set_title("mean ± 95% CI over seeds", fontsize=8)
     return _save(fig, out / "scaling.png")
 
 
-def effects_over_epochs(df: pd.DataFrame, out: Path) -> Path | None:
-    """The paired difference in gap between each factor's levels, epoch by epoch, with its 95% CI band:
+def effects_over_epochs(df: pd.DataFrame, confidence: float, out: Path) -> Path | None:
+    """The paired difference in gap between each factor's levels, epoch by epoch, with its interval
+    band at the verdicts' family-wise `confidence` (so the last epoch's band is the verdict's interval):
     an effect that shrinks to 0 by the end only delayed the gap; one that stays away from 0 moved it."""
-    factors = df.attrs["factors"]
-    levels = df.attrs["study"].study.levels()
-    pairs = [(f, level, ls[0]) for f, ls in levels.items() for level in ls[1:]
-             if {level, ls[0]} <= set(df[f])]  # levels with finished trials (a running study may lack some)
+    names = factors(df)
+    pairs = [(f, level, ls[0]) for f, ls in levels(df).items() for level in ls[1:]
+             if {level, ls[0]} <= set(df[column(f)])]  # levels with finished trials (a running study may lack some)
     if not pairs:
         return None
     cols = min(3, len(pairs))
     rows = -(-len(pairs) // cols)
     fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 2.8 * rows), squeeze=False, sharex=True)
     for ax, (factor, level, reference) in zip(axes.flat, pairs):
-        others = [f for f in factors if f != factor]
+        others = [column(f) for f in names if f != factor]
         sides = {}
         for lv in (level, reference):
-            group = df[df[factor] == lv].sort_values([*others, "seed"])
+            group = df[df[column(factor)] == lv].sort_values([*others, "seed"])
             sides[lv] = (group[[*others, "seed"]].astype(str).agg("|".join, axis=1).tolist(), _padded(group, "gap"))
         keys = sorted(set(sides[level][0]) & set(sides[reference][0]))
         n = max(sides[level][1].shape[1], sides[reference][1].shape[1])
@@ -182,9 +203,9 @@ def effects_over_epochs(df: pd.DataFrame, out: Path) -> Path | None:
         mean = diff.mean(0)
         epochs = np.arange(1, n + 1)
         ax.plot(epochs, mean, "C0")
-        if len(keys) >= 3:
-            half = stats.t.ppf(0.975, len(keys) - 1) * diff.std(0, ddof=1) / np.sqrt(len(keys))
-            ax.fill_between(epochs, mean - half, mean + half, color="C0", alpha=0.25)
+        bands = [mean_interval(diff[:, e], confidence) for e in range(n)]
+        if bands[0].lo == bands[0].lo:  # enough pairs for an interval
+            ax.fill_between(epochs, [b.lo for b in bands], [b.hi for b in bands], color="C0", alpha=0.25)
         ax.axhline(0, color="black", lw=0.5)
         ax.set_title(f"{factor}: {level} − {reference}", fontsize=9)
         ax.grid(alpha=0.3)
@@ -194,7 +215,8 @@ def effects_over_epochs(df: pd.DataFrame, out: Path) -> Path | None:
         ax.set_ylabel("Δ gap (points)")
     for ax in axes[-1]:
         ax.set_xlabel("epoch")
-    fig.suptitle("paired difference in train − test gap per epoch (95% CI band over matched pairs)", fontsize=10)
+    fig.suptitle(f"paired difference in train − test gap per epoch ({100 * confidence:.2f}% band over matched pairs: "
+                 "the verdicts' family-wise level)", fontsize=10)
     return _save(fig, out / "effects_over_epochs.png")
 
 
@@ -222,8 +244,8 @@ def predictions(images: torch.Tensor, labels: torch.Tensor, classes: list[str],
     """The report's Figures 2 and 4, side by side: the same test images, each model's guess,
     red where a model is wrong, a frame where the two models disagree."""
     names = list(runs)
-    pick = np.linspace(0, len(labels) - 1, count).astype(int)
-    fig, axes = plt.subplots(len(names), count, figsize=(1.3 * count, 1.9 * len(names) + 0.6), squeeze=False)
+    pick = np.unique(np.linspace(0, len(labels) - 1, min(count, len(labels))).astype(int))
+    fig, axes = plt.subplots(len(names), len(pick), figsize=(1.3 * len(pick), 1.9 * len(names) + 0.6), squeeze=False)
     for row, name in enumerate(names):
         pred = runs[name]
         for col, i in enumerate(pick):
@@ -242,7 +264,8 @@ def predictions(images: torch.Tensor, labels: torch.Tensor, classes: list[str],
             if row == len(names) - 1:
                 ax.set_xlabel(f"true: {classes[labels[i]][:10]}", fontsize=6)
     models = "; ".join(n.replace("\n", ": ") for n in names)
-    fig.suptitle("same 16 test images; title = prediction (green right, red wrong); orange frame = models disagree\n"
+    fig.suptitle(f"same {len(pick)} test images; title = prediction (green right, red wrong); "
+                 "orange frame = models disagree\n"
                  + models, fontsize=9)
     return _save(fig, out / "predictions.png")
 

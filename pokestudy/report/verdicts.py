@@ -1,21 +1,27 @@
-"""Verdicts: the study's family of claims, each with a family-wise interval and a plain label.
+"""Verdicts: the study's family of claims, each with a family-wise interval and a plain label, and
+where a main effect varies across the grid, its simple effects beside it.
 
-The family is every main effect (each level against its factor's first level), plus the
+The claims are every main effect (each level against its factor's first level), plus the
 contrasts and interactions the spec's `report:` block declares. Each claim is a paired difference
-in the gap (and, beside it, in test accuracy) over matched trials — same seed, same levels of the
-other factors. Intervals are Bonferroni-corrected for the number of claims (family-wise 95%).
+in the gap and in test accuracy over matched trials — same seed, same levels of the other factors.
 
-Labels, for the gap:
-- *inconclusive: budget too short* — a condition the claim rests on was still learning at the end of
-  its budget (`train.settled`);
-- *closes the gap* — the interval lies below 0; *widens the gap* — above 0;
-- *equivalent within ±δ* — the interval lies inside ±δ (a TOST at the same family-wise level,
-  conservatively, since the interval is 1 − α/m rather than 1 − 2α/m);
-- *inconclusive* — none of these.
-An interaction (how one factor's effect changes with another's level) that excludes 0 reads *the
-effect differs: narrower / wider gap*.
-`how` says what moved: a narrower gap with test accuracy that does not rise comes from fitting the
-training set less, not from generalising better.
+A main effect is an average over the levels of the other factors. For every pair of factors an
+F-test asks whether one's effect varies with the other's level (their interaction, in the full
+factorial model with the seed as a block). Where it does, or where a declared interaction is
+decided, the main effect is given per level of the factor it varies with (simple effects) beside
+the pooled one, and its sentence says where it is smallest and largest.
+
+The family is everything these verdicts rest on, counted before looking at the data: per claim
+its gap and its test-accuracy interval, one test per pair of factors, and per main effect and
+other factor the simple effects at each level (gap and test accuracy), shown or not. Every
+interval is at 1 − α/m and every test at α/m (Bonferroni, m the family's size): all of them
+hold together with probability ≥ 95%, whichever are shown.
+
+Labels come from `stats.label`: for the gap, *closes* / *widens* (interval below / above 0),
+*equivalent within ±δ*, *inconclusive*, or *inconclusive: budget too short* (a condition the claim
+rests on was still learning at the end of its budget, `train.settled`); an interaction reads *the
+effect differs: narrower / wider gap*. `how` says what moved: a narrower gap with test accuracy
+that does not rise comes from fitting the training set less, not from generalising better.
 """
 
 from __future__ import annotations
@@ -24,111 +30,200 @@ from dataclasses import dataclass
 
 import pandas as pd
 
-from pokestudy.report.tables import ALPHA, MIN_SEEDS, interval, paired
+from pokestudy.report import stats
+from pokestudy.report.stats import (ALPHA, CLOSES, EQUIVALENT, INCONCLUSIVE, INTERACTS, NOT_RUN, TOO_FEW,  # noqa: F401
+                                    UNCONVERGED, WIDENS, FTest, family_confidence, interval_text, label, mean_interval)
+from pokestudy.report.tables import column, factors, levels, matched
 from pokestudy.study.spec import ReportSpec
 
-CLOSES, WIDENS, EQUIVALENT = "closes the gap", "widens the gap", "equivalent within ±{delta:g} points"
-INCONCLUSIVE, UNCONVERGED = "inconclusive", "inconclusive: budget too short"
-INTERACTS = "the effect differs: {direction} gap"  # an interaction: the first factor's effect changes with the second
+COLUMNS = ["kind", "claim", "pairs", "verdict", "how", "gap_diff", "gap_lo", "gap_hi", "test_acc_diff",
+           "test_acc_lo", "test_acc_hi", "averaged", "varies_with", "heterogeneity", "everywhere", "family"]
 
 
 @dataclass(frozen=True)
 class Claim:
-    kind: str  # "effect", "contrast" or "interaction"
+    kind: str  # "effect", "contrast", "interaction", or "simple" (a main effect at one level of another factor)
     name: str  # what is compared, in words
     gap: pd.Series  # paired differences of the gap
     test: pd.Series  # paired differences of test accuracy
     converged: bool  # every trial the claim rests on converged
+    factor: str = ""  # the factor whose levels are compared (an interaction's first factor)
+    level: str = ""
+    reference: str = ""
+    by: str = ""  # simple effects: the other factor, and its level; interactions: the second factor
+    at: str = ""
+
+    @property
+    def effect(self) -> str:
+        """The main effect this claim is (or is a simple effect of)."""
+        return f"{self.factor}={self.level} vs {self.reference}"
+
+
+@dataclass(frozen=True)
+class Analysis:
+    """Everything `verdicts` computed: the claims, every candidate simple effect (`shown` where its
+    main effect varies with that factor or a declared interaction is decided), the heterogeneity
+    tests, and the family's size and confidence."""
+
+    verdicts: pd.DataFrame
+    simple: pd.DataFrame
+    heterogeneity: pd.DataFrame
+    size: int
+    confidence: float
 
 
 def claims(df: pd.DataFrame, report: ReportSpec) -> list[Claim]:
-    """The study's family of claims, from its factors (in the spec's level order) and its `report:` block.
-    The family is fixed by the spec, so a study still running makes the same claims, some not yet run."""
-    levels = df.attrs["study"].study.levels()
-    out = []
-    for factor, ls in levels.items():
-        out += [_contrast(df, "effect", factor, level, ls[0]) for level in ls[1:]]
+    """The study's claims, from its factors (in the spec's level order) and its `report:` block. The
+    family is fixed by the spec, so a study still running (or a subset of rows) makes the same claims."""
+    ls = levels(df)
+    out = [_contrast(df, "effect", factor, level, names[0]) for factor, names in ls.items() for level in names[1:]]
     out += [_contrast(df, "contrast", c.factor, c.level, c.reference) for c in report.contrasts]
     for first, second in report.interactions:
-        a, b = levels[first], levels[second]
+        a, b = ls[first], ls[second]
         out += [_interaction(df, first, second, (a[0], la), (b[0], lb)) for la in a[1:] for lb in b[1:]]
     return out
 
 
+def simple_effects(df: pd.DataFrame, main: list[Claim]) -> list[Claim]:
+    """Every main effect at every level of every other factor: the candidates, in the family whether shown or not."""
+    ls = levels(df)
+    out = []
+    for c in main:
+        for by in (f for f in ls if f != c.factor):
+            for at in ls[by]:
+                s = _contrast(df[df[column(by)] == at], "simple", c.factor, c.level, c.reference)
+                out.append(Claim("simple", f"{c.name} at {by}={at}", s.gap, s.test, s.converged, c.factor, c.level,
+                                 c.reference, by, at))
+    return out
+
+
 def _contrast(df: pd.DataFrame, kind: str, factor: str, level: str, reference: str) -> Claim:
-    rows = df[df[factor].isin([level, reference])]
-    ran = {level, reference} <= set(rows[factor])
-    gap, test = ((paired(df, factor, m, level, reference) for m in ("gap", "test_acc")) if ran else
-                 (pd.Series(dtype=float), pd.Series(dtype=float)))
-    return Claim(kind, f"{factor}={level} vs {reference}", gap, test, bool(rows["converged"].all()))
+    rows = df[df[column(factor)].isin([level, reference])]
+    gap, test = (matched(df, factor, m, level, reference) for m in ("gap", "test_acc"))
+    name = f"{factor}={level} vs {reference}"
+    return Claim(kind, name, gap["level"] - gap["reference"], test["level"] - test["reference"],
+                 bool(rows["converged"].all()), factor, level, reference)
 
 
 def _interaction(df: pd.DataFrame, first: str, second: str, a: tuple[str, str], b: tuple[str, str]) -> Claim:
     """How the effect of `first` (a[1] − a[0]) changes from second=b[0] to second=b[1]."""
-    rest = [c for c in df.attrs["factors"] if c not in (first, second)]
-    rows = df[df[first].isin(a) & df[second].isin(b)]
+    rest = [column(c) for c in factors(df) if c not in (first, second)]
+    rows = df[df[column(first)].isin(a) & df[column(second)].isin(b)]
     cells = [(x, y) for x in a for y in b]
 
     def diff(metric: str) -> pd.Series:
-        wide = rows.pivot_table(index=[*rest, "seed"], columns=[first, second], values=metric)
+        wide = rows.pivot_table(index=[*rest, "seed"], columns=[column(first), column(second)], values=metric,
+                                observed=True)
         if not set(cells) <= set(wide.columns):
             return pd.Series(dtype=float)  # a cell has no finished trial yet
         return ((wide[(a[1], b[1])] - wide[(a[0], b[1])]) - (wide[(a[1], b[0])] - wide[(a[0], b[0])])).dropna()
 
     name = f"({first}={a[1]} − {a[0]}) at {second}={b[1]} vs {b[0]}"
-    return Claim("interaction", name, diff("gap"), diff("test_acc"), bool(rows["converged"].all()))
+    return Claim("interaction", name, diff("gap"), diff("test_acc"), bool(rows["converged"].all()), first, by=second)
+
+
+def family_size(main: list[Claim], pairs: list[tuple[str, str]], simple: list[Claim]) -> int:
+    """Two intervals per claim and per simple effect (gap and test accuracy), one test per pair of factors."""
+    return 2 * len(main) + len(pairs) + 2 * len(simple)
+
+
+def analyse(df: pd.DataFrame, report: ReportSpec) -> Analysis:
+    """The family's claims, tests and simple effects, each at the family-wise level, on any rows of a trials frame."""
+    main = claims(df, report)
+    ls = levels(df)
+    names = [f for f in factors(df) if len(ls[f]) > 1]
+    pairs = [(a, b) for i, a in enumerate(names) for b in names[i + 1:]]
+    simple = simple_effects(df, [c for c in main if c.kind == "effect"])
+    size = family_size(main, pairs, simple)
+    delta = report.delta / 100
+    found = stats.interaction_tests(df, "gap", [column(f) for f in names], "seed",
+                                    [(column(a), column(b)) for a, b in pairs])
+    tests = {frozenset(pair): found[(column(pair[0]), column(pair[1]))] for pair in pairs}
+    heterogeneity = pd.DataFrame([{"factors": f"{a} × {b}", "F": t.f, "df_num": t.df_num, "df_den": t.df_den, "p": t.p,
+                                   "screened": t.p < ALPHA, "varies": t.p < ALPHA / size}  # NaN compares False
+                                  for (a, b), t in zip(pairs, tests.values())],
+                                 columns=["factors", "F", "df_num", "df_den", "p", "screened", "varies"])
+    rows = {c.name: _row(c, delta, size, _averages(c, names)) for c in main}
+    differs = {INTERACTS.format(direction=d) for d in ("narrower", "wider")}
+    decided = {(c.factor, c.by) for c in main if c.kind == "interaction" and rows[c.name]["verdict"] in differs}
+    def shown(s: Claim) -> bool:  # showing more costs nothing: every candidate is in the family already
+        return bool(tests[frozenset((s.factor, s.by))].p < ALPHA or (s.factor, s.by) in decided)
+
+    simple_table = pd.DataFrame([{"effect": s.effect, "by": s.by, "at": s.at, "shown": shown(s),
+                                  **_row(s, delta, size, False)} for s in simple if s.by in names],
+                                columns=["effect", "by", "at", "shown", *COLUMNS])
+    for c in (c for c in main if c.kind == "effect"):
+        mine = simple_table[simple_table["effect"] == c.name]
+        others = {f: tests[frozenset((c.factor, f))] for f in names if f != c.factor}
+        rows[c.name].update(varies_with=", ".join(f for f, t in others.items() if t.p < ALPHA / size),
+                            heterogeneity="; ".join(_variation(f, t, size) for f, t in others.items() if t.p == t.p),
+                            everywhere=bool(len(mine) and ((mine["gap_hi"] < 0).all() or (mine["gap_lo"] > 0).all())))
+    table = pd.DataFrame(list(rows.values()), columns=COLUMNS)
+    return Analysis(table, simple_table, heterogeneity, size, family_confidence(size))
+
+
+def _averages(c: Claim, names: list[str]) -> bool:
+    """Whether a claim's number is an average over levels of factors it does not compare."""
+    return bool(set(names) - {c.factor, c.by})
+
+
+def _variation(factor: str, test: FTest, size: int) -> str:
+    """Whether a main effect varies with `factor`, in words: established at the family's level, only
+    suggested (p < α: its simple effects are shown), or not detected."""
+    if test.p < ALPHA / size:
+        return f"varies with {factor}: {test.text()}"
+    if test.p < ALPHA:
+        return f"perhaps with {factor} ({test.text()}: not below α/m = {ALPHA / size:.2g})"
+    return f"not detectably with {factor}: {test.text()}"
 
 
 def verdicts(df: pd.DataFrame, report: ReportSpec) -> pd.DataFrame:
-    """One row per claim: gap and test-accuracy differences with family-wise intervals, and a label."""
-    family = claims(df, report)
-    confidence = 1 - ALPHA / max(1, len(family))
-    delta = report.delta / 100
-    rows = []
-    for c in family:
-        gap, _, glo, ghi = interval(c.gap, confidence)
-        test, _, tlo, thi = interval(c.test, confidence)
-        rows.append({"kind": c.kind, "claim": c.name, "pairs": len(c.gap),
-                     "verdict": _label(c.kind, glo, ghi, c.converged, len(c.gap), delta, report.delta),
-                     "how": _how(gap, glo, ghi, tlo, thi), "gap_diff": gap, "gap_lo": glo, "gap_hi": ghi,
-                     "test_acc_diff": test, "test_acc_lo": tlo, "test_acc_hi": thi})
-    out = pd.DataFrame(rows, columns=["kind", "claim", "pairs", "verdict", "how", "gap_diff", "gap_lo", "gap_hi",
-                                      "test_acc_diff", "test_acc_lo", "test_acc_hi"])
-    out.attrs.update(claims=len(family), confidence=confidence)
-    return out
+    """One row per claim: gap and test-accuracy differences with family-wise intervals, and a label.
+    Works on any subset of a trials frame's rows (the family is the spec's, whatever has run)."""
+    return analyse(df, report).verdicts
 
 
-def _label(kind: str, lo: float, hi: float, converged: bool, pairs: int, delta: float, delta_points: float) -> str:
-    if pairs == 0:
-        return f"{INCONCLUSIVE}: not run yet"
-    if not converged:
-        return UNCONVERGED
-    if pairs < MIN_SEEDS or lo != lo:
-        return f"{INCONCLUSIVE}: fewer than {MIN_SEEDS} pairs"
-    if hi < 0:
-        return CLOSES if kind != "interaction" else INTERACTS.format(direction="narrower")
-    if lo > 0:
-        return WIDENS if kind != "interaction" else INTERACTS.format(direction="wider")
-    if -delta < lo and hi < delta:
-        return EQUIVALENT.format(delta=delta_points)
-    return INCONCLUSIVE
+def _row(c: Claim, delta: float, size: int, averaged: bool) -> dict:
+    confidence = family_confidence(size)
+    gap, test = mean_interval(c.gap, confidence), mean_interval(c.test, confidence)
+    words = ({"below": INTERACTS.format(direction="narrower"), "above": INTERACTS.format(direction="wider")}
+             if c.kind == "interaction" else {})
+    verdict = label(gap.lo, gap.hi, pairs=len(c.gap), converged=c.converged, delta=delta, **words)
+    return {"kind": c.kind, "claim": c.name, "pairs": len(c.gap), "verdict": verdict,
+            "how": _how(gap.lo, gap.hi, test.lo, test.hi), "gap_diff": gap.value, "gap_lo": gap.lo, "gap_hi": gap.hi,
+            "test_acc_diff": test.value, "test_acc_lo": test.lo, "test_acc_hi": test.hi, "averaged": averaged,
+            "varies_with": "", "heterogeneity": "", "everywhere": None, "family": size}
 
 
-def _how(gap: float, glo: float, ghi: float, tlo: float, thi: float) -> str:
+def _how(glo: float, ghi: float, tlo: float, thi: float) -> str:
     """Where a change in the gap comes from: test accuracy, or how well the training set is fit."""
     if glo != glo:
         return ""
-    test = "test accuracy rises" if tlo > 0 else "test accuracy falls" if thi < 0 else "test accuracy not detectably changed"
+    test = ("test accuracy rises" if tlo > 0 else "test accuracy falls" if thi < 0
+            else "test accuracy not detectably changed")
     if ghi < 0 and tlo <= 0:
         return f"{test}: the narrower gap comes from fitting the training set less"
     return test
 
 
-def sentence(row: pd.Series) -> str:
-    """One plain sentence per claim, with its adjusted intervals."""
-    def ci(metric: str) -> str:
-        v, lo, hi = (100 * row[f"{metric}_{k}"] for k in ("diff", "lo", "hi"))
-        return f"{v:+.1f} points" + (f" [{lo:+.1f}, {hi:+.1f}]" if lo == lo else " (no interval)")
+def _ci(row: pd.Series, metric: str) -> str:
+    return interval_text(row[f"{metric}_diff"], row[f"{metric}_lo"], row[f"{metric}_hi"], unit=" points")
 
+
+def sentence(row: pd.Series, simple: pd.DataFrame | None = None) -> str:
+    """One plain sentence per claim, with its family-wise intervals. A pooled number is said to be an
+    average over the grid, and where its simple effects are shown, from where to where it goes."""
+    spread = " averaged over the grid" if row["averaged"] else ""
+    mine = pd.DataFrame(columns=["by"])
+    if simple is not None and row["kind"] == "effect":
+        mine = simple[(simple["effect"] == row["claim"]) & simple["shown"]]
+    for by in dict.fromkeys(mine["by"]):
+        at = mine[mine["by"] == by].sort_values("gap_diff")
+        low, high = at.iloc[0], at.iloc[-1]
+        spread += f"; from {_ci(low, 'gap')} at {by}={low['at']} to {_ci(high, 'gap')} at {by}={high['at']}"
+    if row["heterogeneity"]:
+        same = "; the same direction at every level of each other factor" if row["everywhere"] else ""
+        spread += f" ({row['heterogeneity']}{same})"
     how = f"; {row['how']}" if row["how"] else ""
-    return f"**{row['claim']}** — {row['verdict']}: gap {ci('gap')}, test accuracy {ci('test_acc')}{how}."
+    return (f"**{row['claim']}** — {row['verdict']}: gap {_ci(row, 'gap')}{spread}, "
+            f"test accuracy {_ci(row, 'test_acc')}{how}.")
