@@ -17,11 +17,12 @@ from pokestudy import UserError
 def _data_info(args: argparse.Namespace) -> None:
     from pokestudy.data import prepare
 
-    m = prepare(args.data, args.res, near_duplicates=args.near_duplicates).manifest
+    data = prepare(args.data, args.res, near_duplicates=args.near_duplicates)
+    m = data.manifest
     info = {k: m[k] for k in ("classes", "images", "per_class", "skipped", "duplicates", "conflicts", "near_duplicates",
-                              "splits", "extras", "fingerprint", "cache")}
+                              "splits", "train_only", "extras", "fingerprint", "cache")}
     if args.json:
-        print(json.dumps(info))
+        print(json.dumps({**info, "near_duplicate_groups": data.near_groups}))
         return
     pc = info["per_class"]
     print(f"classes     {info['classes']}\nimages      {info['images']} "
@@ -31,19 +32,25 @@ def _data_info(args: argparse.Namespace) -> None:
     print(f"conflicts   {len(info['conflicts'])} (the same bytes under different classes: no copy is used)")
     _listed([" = ".join(c["paths"]) for c in info["conflicts"]])
     near = info["near_duplicates"]
-    if near["threshold"]:
-        print(f"near-dups   {near['groups']} groups of {near['images']} images within {near['threshold']} of 64 bits "
+    if near["bits"] or near["crops"]:
+        how = " or ".join([f"within {near['bits']} of 64 pHash bits"] * bool(near["bits"])
+                          + [f"one picture cropped ({near['crop_groups']} groups only so)"] * near["crops"])
+        print(f"near-dups   {near['groups']} groups of {near['images']} images {how} "
               f"(largest {near['largest']}, {near['across_classes']} across classes): kept, each group in one split; "
               f"{near['straddled_exact_split']} would straddle splits under the exact-bytes rule")
-        _listed([" ~ ".join(example) for example in near["examples"]])
+        _listed([" ~ ".join(example) for example in near["examples"]], most=3)
         if near["examples_across_classes"]:
             print("  across classes (chance look-alikes, or one picture filed under two classes):")
             _listed([" ~ ".join(example) for example in near["examples_across_classes"]])
+        if near["groups"] > len(near["examples"]):
+            print("  (--json lists every group with its paths)")
     else:
         print("near-dups   not grouped (exact bytes only; --near-duplicates N groups images within N of 64 bits)")
     print(f"skipped     {len(info['skipped'])} files")
     _listed([f"{s['path']}: {s['reason']}" for s in info["skipped"]])
     print("splits      " + ", ".join(f"{k} {v}" for k, v in info["splits"].items()))
+    if info["train_only"]:
+        print(f"train only  {', '.join(info['train_only'])} (fewer than 3 groups of pictures: too few to split)")
     for name, n in info["extras"].items():
         print(f"extra set   {name} {n}")
     print(f"fingerprint {info['fingerprint']}\ncache       {info['cache']}")
@@ -183,9 +190,10 @@ def parser() -> argparse.ArgumentParser:
 
 
 def _near_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--near-duplicates", type=int, metavar="BITS",
-                   help="group images whose perceptual hashes differ in at most BITS of 64, so they never straddle "
-                        "a split (0: exact bytes only; default: the spec's, else the source's: 10 for folders)")
+    p.add_argument("--near-duplicates", metavar="BITS[+crops]",
+                   help="group images whose perceptual hashes differ in at most BITS of 64, and with +crops also "
+                        "those the crop matcher finds (tight crops, borders, new backgrounds), so they never straddle "
+                        "a split (0: exact bytes only; default: the spec's, else the source's: 10+crops for folders)")
 
 
 def _storage_args(p: argparse.ArgumentParser, study_name: bool = False) -> None:

