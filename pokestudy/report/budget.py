@@ -30,15 +30,16 @@ def split_budgets(df: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
 
 
 def budget_check(main: pd.DataFrame, longer: pd.DataFrame, report: ReportSpec) -> pd.DataFrame:
-    """One row per claim: its label at the study's budget on the replicates that also ran longer, its
-    label at the longer budget, both gap differences, and the outcome (holds / budget-dependent)."""
+    """One row per claim: its label at the study's budget on the trials (condition and seed) that also
+    ran longer, its label at the longer budget, both gap differences, and the outcome (holds /
+    budget-dependent; *not checked* where either budget has too few pairs for a label)."""
     if longer.empty:
         return pd.DataFrame()
     factor = float(longer["budget"].iloc[0])
-    seeds = set(longer["seed"])
-    short = verdicts(main[main["seed"].isin(seeds)], report)
+    cells = set(zip(longer["condition"], longer["seed"]))  # both budgets are labelled on exactly these trials
+    short = verdicts(main[[cell in cells for cell in zip(main["condition"], main["seed"])]], report)
     long = verdicts(longer, report)
-    out = pd.DataFrame({"claim": short["claim"], "replicates": len(seeds), "budget_factor": factor,
+    out = pd.DataFrame({"claim": short["claim"], "replicates": longer["seed"].nunique(), "budget_factor": factor,
                         "verdict_at_budget": short["verdict"], f"verdict_at_{factor:g}x": long["verdict"],
                         "gap_diff_at_budget": short["gap_diff"], f"gap_diff_at_{factor:g}x": long["gap_diff"]})
     unlabelled = ("inconclusive: not run yet", "inconclusive: fewer than")  # too few pairs to say either way

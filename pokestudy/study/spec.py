@@ -202,7 +202,14 @@ class Study(Strict):
                 out.append(Work(key=f"{condition_id(c)}/seed={s}", condition=c, seed=s,
                                 settings={**self.settings(c, s), **tuned.get(condition_id(c), {})}))
         check = self.budget_check
-        for base in (out[:] if check else []):
+        levels = self.levels()
+
+        def order(w: Work) -> tuple[int, ...]:
+            """Seed by seed, the first factor varying fastest: a check cut short by time still pairs
+            conditions on every factor."""
+            return (self.seeds.index(w.seed), *[levels[f].index(w.condition[f]) for f in reversed(list(levels))])
+
+        for base in (sorted(out, key=order) if check else []):
             if base.seed in self.seeds[:check.seeds]:
                 epochs = round(TrialConfig.from_dict(base.settings).epochs * check.factor)
                 out.append(Work(key=f"{base.key}/budget={check.factor:g}x", condition=base.condition, seed=base.seed,
