@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import socket
 import sys
 from pathlib import Path
 
@@ -305,12 +306,25 @@ def _dashboard(args: argparse.Namespace) -> None:
 
     from pokestudy.study.store import artifact_store, storage
 
+    _check_port(args.host, args.port)
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"pokestudy: warning: the dashboard on {args.host} is reachable by others and has no login",
               file=sys.stderr)
     print(f"optuna-dashboard on http://{args.host}:{args.port}/ (Ctrl-C to stop)", file=sys.stderr)
     run_server(storage(_storage_url(args)), host=args.host, port=args.port,
                artifact_store=artifact_store(args.results))
+
+
+def _check_port(host: str, port: int) -> None:
+    """Bind the dashboard's address once first: the server would print its banner, then a traceback."""
+    try:
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:  # as bottle chooses
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server does
+            probe.bind((host, port))
+    except (OSError, OverflowError) as e:  # OverflowError: a port outside 0-65535
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+        raise UserError(f"cannot serve the dashboard on {host}:{port} ({reason}); pass --port N with a free port, "
+                        "or stop what listens there") from None
 
 
 def main(argv: list[str] | None = None) -> int:

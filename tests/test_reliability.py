@@ -48,6 +48,11 @@ def count(db: Path, state: str = "COMPLETE") -> int:
         return 0
 
 
+def assert_one_line_error(err: str) -> None:
+    """What every user mistake gets: `pokestudy: error: …` and nothing else on stderr."""
+    assert err.startswith("pokestudy: error: ") and len(err.strip().splitlines()) == 1, err
+
+
 def test_three_kill_9s_then_a_normal_run_lose_nothing_and_duplicate_nothing(tmp_path: Path):
     db = tmp_path / "pokestudy.db"
     rng = random.Random(0)
@@ -188,7 +193,20 @@ def test_bad_input_is_one_line_exit_2_and_nothing_is_stored(tmp_path: Path, case
     code = main(["run", *args])  # in-process: the same entry point as the console script, minus 5 s of imports
     err = capsys.readouterr().err
     assert code == 2, err
-    assert err.startswith("pokestudy: error: ") and len(err.strip().splitlines()) == 1, err
+    assert_one_line_error(err)
     db = tmp_path / "results" / "pokestudy.db"
     if db.exists():
         assert optuna.get_all_study_summaries(f"sqlite:///{db}") == []
+
+
+@pytest.mark.fast
+def test_the_dashboard_on_a_port_in_use_is_one_line_exit_2(tmp_path: Path, capsys):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        code = main(["dashboard", "--port", str(port), "--results", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert_one_line_error(err)
+    assert f"127.0.0.1:{port}" in err and "--port" in err
