@@ -240,17 +240,21 @@ def _trial_figure(record, path: Path) -> Path:
 
 def _report(args: argparse.Namespace) -> None:
     from pokestudy.report import build
+    from pokestudy.study.store import check_writable
 
     formats = tuple(f.strip() for f in args.format.split(",") if f.strip())
     bad = set(formats) - {"csv", "md", "tex", "json"}
     if bad or not formats:
         raise UserError(f"unknown format(s) {', '.join(sorted(bad)) or '(none)'}; use csv, md, tex, json")
+    check_writable(args.results)
     build(_storage_url(args), args.study, args.results, formats, generator=f"pokestudy report --study {args.study}")
 
 
 def _compare(args: argparse.Namespace) -> None:
     from pokestudy.report.compare import compare
+    from pokestudy.study.store import check_writable
 
+    check_writable(args.results)
     compare(_storage_url(args), args.first, args.second, args.results)
 
 

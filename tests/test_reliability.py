@@ -210,3 +210,17 @@ def test_the_dashboard_on_a_port_in_use_is_one_line_exit_2(tmp_path: Path, capsy
     assert code == 2, err
     assert_one_line_error(err)
     assert f"127.0.0.1:{port}" in err and "--port" in err
+
+
+@pytest.mark.parametrize("command", ["report", "compare"])
+def test_report_and_compare_into_an_unwritable_results_folder_are_one_line_exit_2(smoke_run, tmp_path: Path,
+                                                                                  command: str, capsys):
+    url, _ = smoke_run
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    studies = ["--study", "smoke"] if command == "report" else ["smoke", "smoke"]
+    code = main([command, *studies, "--storage", url, "--results", str(blocker / "results")])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert_one_line_error(err)
+    assert "--results" in err

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
-import os
 import sys
 from pathlib import Path
 
@@ -22,8 +21,8 @@ from pokestudy.data import prepare
 from pokestudy.study import record as records
 from pokestudy.study.raytune import Driver, Progress, asker, check_address
 from pokestudy.study.spec import Study, condition_id
-from pokestudy.study.store import (Store, TrialFigure, archive, artifact_store, find_study, finished_keys,
-                                   grid_distributions, storage as open_storage)
+from pokestudy.study.store import (Store, TrialFigure, archive, artifact_store, check_writable, find_study,
+                                   finished_keys, grid_distributions, storage as open_storage)
 
 
 def run_study(spec: Study, *, storage: str, results: Path, study_name: str, data: str | None = None,
@@ -36,7 +35,7 @@ def run_study(spec: Study, *, storage: str, results: Path, study_name: str, data
     checked before the first write to the storage. `trial_figure`, when given, draws each finished
     trial for its page in the dashboard.
     """
-    _check_writable(results)
+    check_writable(results)
     open_storage(storage)
     check_address(address)
     lock = _lock(results, f"{storage}|{study_name}")
@@ -156,13 +155,3 @@ def _lock(results: Path, study_key: str):
                         "wait for it, or watch it with `pokestudy dashboard`") from None
     return handle
 
-
-def _check_writable(results: Path) -> None:
-    try:
-        results.mkdir(parents=True, exist_ok=True)
-        probe = results / f".write-test-{os.getpid()}"
-        probe.touch()
-        probe.unlink()
-    except OSError as e:
-        raise UserError(f"results directory {results} is not writable ({e.strerror}); "
-                        "pass --results DIR with a writable folder") from None

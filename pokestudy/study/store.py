@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import os
 import tempfile
 import time
 import warnings
@@ -41,6 +42,18 @@ def storage(url: str) -> optuna.storages.BaseStorage:
     except Exception as e:  # sqlalchemy raises many kinds; all mean "cannot use this URL"
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f"cannot open storage {url!r}: {first}; pass --storage sqlite:///PATH or postgresql://…") from None
+
+
+def check_writable(results: Path) -> None:
+    """Refuse a results folder that cannot be written before anything is computed or stored."""
+    try:
+        results.mkdir(parents=True, exist_ok=True)
+        probe = results / f".write-test-{os.getpid()}"
+        probe.touch()
+        probe.unlink()
+    except OSError as e:
+        raise UserError(f"results directory {results} is not writable ({e.strerror}); "
+                        "pass --results DIR with a writable folder") from None
 
 
 def artifact_store(results: Path) -> FileSystemArtifactStore:
