@@ -177,6 +177,11 @@ def _bad(tmp_path: Path, case: str) -> list[str]:
         "unreachable storage": ["--study", "smoke", "--storage", f"postgresql://nobody@127.0.0.1:{_free_port()}/x"],
         "no Ray cluster at --address": ["--study", "smoke", "--address", f"127.0.0.1:{_free_port()}"],
         "unwritable results directory": ["--study", "smoke", "--results", str(unwritable / "results")],
+        "negative --gpus-per-trial": ["--study", "smoke", "--gpus-per-trial", "-1"],
+        "--gpus-per-trial nan": ["--study", "smoke", "--gpus-per-trial", "nan"],
+        "--gpus-per-trial 1.5": ["--study", "smoke", "--gpus-per-trial", "1.5"],
+        "--max-concurrent 0": ["--study", "smoke", "--max-concurrent", "0"],
+        "negative --max-concurrent": ["--study", "smoke", "--max-concurrent", "-3"],
     }[case]
 
 
@@ -185,6 +190,8 @@ def _bad(tmp_path: Path, case: str) -> list[str]:
     "unknown study", "yaml syntax error", "unknown key", "wrong type", "empty factor", "seeds not integers",
     "resolution out of range", "missing data path", "no class folders", "only undecodable files",
     "malformed storage URL", "unreachable storage", "no Ray cluster at --address", "unwritable results directory",
+    "negative --gpus-per-trial", "--gpus-per-trial nan", "--gpus-per-trial 1.5", "--max-concurrent 0",
+    "negative --max-concurrent",
 ])
 def test_bad_input_is_one_line_exit_2_and_nothing_is_stored(tmp_path: Path, case: str, capsys):
     args = _bad(tmp_path, case)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
+import math
 import sys
 from pathlib import Path
 
@@ -31,10 +32,11 @@ def run_study(spec: Study, *, storage: str, results: Path, study_name: str, data
               restart: bool = False, verbose: bool = False, trial_figure: TrialFigure | None = None) -> optuna.Study:
     """Run every trial of `spec` not yet COMPLETE in the storage; returns the Optuna study to report.
 
-    Everything a user can get wrong (results folder, storage URL, data, identity, Ray address) is
+    Everything a user can get wrong (flags, results folder, storage URL, data, identity, Ray address) is
     checked before the first write to the storage. `trial_figure`, when given, draws each finished
     trial for its page in the dashboard.
     """
+    _check_limits(max_concurrent, gpus_per_trial)
     check_writable(results)
     open_storage(storage)
     check_address(address)
@@ -155,3 +157,14 @@ def _lock(results: Path, study_key: str):
                         "wait for it, or watch it with `pokestudy dashboard`") from None
     return handle
 
+
+def _check_limits(max_concurrent: int | None, gpus_per_trial: float | None) -> None:
+    """Ray takes a negative or NaN GPU count and waits forever, and `max_concurrent_trials=0` means no
+    limit: refuse both before anything starts. (A count no node has is refused once Ray runs.)"""
+    if max_concurrent is not None and max_concurrent < 1:
+        raise UserError(f"--max-concurrent {max_concurrent}: give 1 or more (at most that many trials at once), "
+                        "or leave it out to run as many as fit")
+    if gpus_per_trial is not None and not (math.isfinite(gpus_per_trial) and gpus_per_trial >= 0
+                                           and (gpus_per_trial <= 1 or gpus_per_trial.is_integer())):
+        raise UserError(f"--gpus-per-trial {gpus_per_trial:g}: give 0 (CPU only), a fraction up to 1 (0.25: four "
+                        "trials share a GPU) or a whole number of GPUs")
