@@ -53,6 +53,17 @@ def assert_one_line_error(err: str) -> None:
     assert err.startswith("pokestudy: error: ") and len(err.strip().splitlines()) == 1, err
 
 
+def study_names(url: str) -> list[str]:
+    return [s.study_name for s in optuna.get_all_study_summaries(url)]
+
+
+def tiny_spec(tmp_path: Path, name: str, **changes) -> str:
+    """A spec file of smoke's data and settings, cut down to `changes` (a few trials instead of 16)."""
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump({**SMOKE, "name": name, "report": {}, **changes}))
+    return str(path)
+
+
 def test_three_kill_9s_then_a_normal_run_lose_nothing_and_duplicate_nothing(tmp_path: Path):
     db = tmp_path / "pokestudy.db"
     rng = random.Random(0)
@@ -231,3 +242,23 @@ def test_report_and_compare_into_an_unwritable_results_folder_are_one_line_exit_
     assert code == 2, err
     assert_one_line_error(err)
     assert "--results" in err
+
+
+@pytest.mark.parametrize("case", ["more GPUs than any node", "more CPUs than any node"])
+def test_a_trial_no_node_can_hold_is_refused_at_once_and_nothing_is_stored(tmp_path: Path, case: str):
+    """Ray would wait forever for a node that does not exist; --restart must not archive first either."""
+    url = f"sqlite:///{tmp_path / 'pokestudy.db'}"
+    if case == "more GPUs than any node":  # this machine has none
+        optuna.create_study(study_name="smoke", storage=url)
+        args, before = ["--study", "smoke", "--gpus-per-trial", "1", "--restart"], ["smoke"]
+    else:
+        args, before = ["--study", tiny_spec(tmp_path, "big", resources={"cpus": 64})], []
+    proc = launch(*args, "--results", str(tmp_path))
+    try:
+        _, err = proc.communicate(timeout=120)
+    finally:
+        kill_tree(proc)
+    assert proc.returncode == 2, err
+    assert_one_line_error(err)
+    assert "no Ray node" in err
+    assert study_names(url) == before

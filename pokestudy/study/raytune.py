@@ -192,6 +192,7 @@ class Driver:
         return {k: v for k, v in ray.cluster_resources().items() if k in ("CPU", "GPU")}
 
     def start_ray(self) -> None:
+        """Start or join Ray, then refuse a trial that no node of it can hold."""
         check_address(self.address)
         token = os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH") \
             or (Path.home() / ".ray" / "auth_token").exists()
@@ -203,8 +204,11 @@ class Driver:
         os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
         import ray
 
-        if ray.is_initialized():
-            return
+        if not ray.is_initialized():
+            self._init_ray(ray)
+        self._check_fits(ray)
+
+    def _init_ray(self, ray) -> None:
         try:
             ray.init(address=self.address or "local", include_dashboard=False, log_to_driver=self.verbose,
                      logging_level=logging.INFO if self.verbose else logging.ERROR)
@@ -214,6 +218,18 @@ class Driver:
         if not self.verbose:
             for logger in ("ray", "ray.tune", "ray.train", "ray.air"):  # failures reach the progress line instead
                 logging.getLogger(logger).setLevel(logging.CRITICAL)
+
+    def _check_fits(self, ray) -> None:
+        """Ray waits forever, saying nothing, for a trial larger than every node: refuse it now,
+        before the study is stored. (An autoscaling cluster's future nodes are not counted.)"""
+        need = {"CPU": float(self.spec.resources.cpus), "GPU": float(self.gpus)}
+        nodes = [node["Resources"] for node in ray.nodes() if node["Alive"]]
+        if any(all(have.get(k, 0.0) >= v for k, v in need.items()) for have in nodes):
+            return
+        most = {k: max((have.get(k, 0.0) for have in nodes), default=0.0) for k in need}
+        raise UserError(f"a trial asks for {need['CPU']:g} CPU and {need['GPU']:g} GPU, but no Ray node has that "
+                        f"much (the most on one node: {most['CPU']:g} CPU, {most['GPU']:g} GPU); lower "
+                        "--gpus-per-trial or the spec's resources.cpus, or use a cluster with such a node")
 
 
 def check_address(address: str | None) -> None:

@@ -32,9 +32,9 @@ def run_study(spec: Study, *, storage: str, results: Path, study_name: str, data
               restart: bool = False, verbose: bool = False, trial_figure: TrialFigure | None = None) -> optuna.Study:
     """Run every trial of `spec` not yet COMPLETE in the storage; returns the Optuna study to report.
 
-    Everything a user can get wrong (flags, results folder, storage URL, data, identity, Ray address) is
-    checked before the first write to the storage. `trial_figure`, when given, draws each finished
-    trial for its page in the dashboard.
+    Everything a user can get wrong (flags, results folder, storage URL, data, identity, Ray address, a
+    trial larger than any Ray node) is checked before the first write to the storage. `trial_figure`,
+    when given, draws each finished trial for its page in the dashboard.
     """
     _check_limits(max_concurrent, gpus_per_trial)
     check_writable(results)
@@ -46,11 +46,13 @@ def run_study(spec: Study, *, storage: str, results: Path, study_name: str, data
                            {**spec.data.eval, **(evals or {})},
                            spec.data.near_duplicates if near_duplicates is None else near_duplicates)
         identity = records.identity(spec, prepared.manifest)
-        if restart and (kept := archive(storage, study_name)):  # the study, or only its tuning stage
-            print(f"study {study_name}: kept the stored one as {kept}; starting over", file=sys.stderr)
+        driver = Driver(spec, prepared, results, address, max_concurrent, gpus_per_trial, verbose)
+        if restart:  # everything reruns: Ray (and whether its nodes can hold a trial) is checked before archiving
+            driver.start_ray()
+            if kept := archive(storage, study_name):  # the study, or only its tuning stage
+                print(f"study {study_name}: kept the stored one as {kept}; starting over", file=sys.stderr)
         stored = find_study(storage, study_name)
         started = _check_identity(stored, identity, study_name)
-        driver = Driver(spec, prepared, results, address, max_concurrent, gpus_per_trial, verbose)
         tuned = tuple(spec.nuisance.params) if spec.nuisance else ()
 
         def study_record() -> records.StudyRecord:
