@@ -262,3 +262,13 @@ def test_a_trial_no_node_can_hold_is_refused_at_once_and_nothing_is_stored(tmp_p
     assert_one_line_error(err)
     assert "no Ray node" in err
     assert study_names(url) == before
+
+
+def test_a_local_ray_that_cannot_start_says_so_without_an_address_of_none(tmp_path: Path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    env = {**os.environ, "RAY_TMPDIR": str(blocker / "ray")}  # Ray cannot make its session folder
+    out = pokestudy("run", "--study", "smoke", "--results", str(tmp_path), env=env, timeout=120)
+    assert out.returncode == 2, out.stderr
+    assert_one_line_error(out.stderr)
+    assert "local Ray" in out.stderr and "None" not in out.stderr

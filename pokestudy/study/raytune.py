@@ -212,9 +212,13 @@ class Driver:
         try:
             ray.init(address=self.address or "local", include_dashboard=False, log_to_driver=self.verbose,
                      logging_level=logging.INFO if self.verbose else logging.ERROR)
-        except (ConnectionError, RuntimeError, ValueError) as e:
-            raise UserError(f"cannot connect to Ray at {self.address}: {str(e).splitlines()[0]}; "
-                            "start one with `ray start --head` or omit --address") from None
+        except (OSError, RuntimeError, ValueError) as e:  # ConnectionError is an OSError
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            if self.address:
+                raise UserError(f"cannot connect to Ray at {self.address}: {first}; "
+                                "start one with `ray start --head` or omit --address") from None
+            raise UserError(f"cannot start a local Ray: {first}; check that its temp folder (RAY_TMPDIR, default "
+                            "/tmp) is writable and has space, or pass --address of a running cluster") from None
         if not self.verbose:
             for logger in ("ray", "ray.tune", "ray.train", "ray.air"):  # failures reach the progress line instead
                 logging.getLogger(logger).setLevel(logging.CRITICAL)
