@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
+import signal
 import socket
 import sys
 from pathlib import Path
@@ -209,6 +211,15 @@ def _storage_url(args: argparse.Namespace) -> str:
 
 
 def _run(args: argparse.Namespace) -> int:
+    previous = {sig: signal.signal(sig, _stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        return _run_study(args)
+    finally:  # `main` called in-process (the tests) gets its own handlers back
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _run_study(args: argparse.Namespace) -> int:
     from optuna.trial import TrialState
 
     from pokestudy.study import runner, spec
@@ -229,6 +240,30 @@ def _run(args: argparse.Namespace) -> int:
     build(url, stored.study_name, args.results, ("csv", "md", "tex", "json"),
           generator=f"pokestudy run --study {args.study}")
     return 0
+
+
+_stopped_by = signal.SIGINT  # what ended the run, for its message and exit code (128 + the signal's number)
+
+
+def _stop(signum: int, frame) -> None:
+    """Ctrl-C and SIGTERM (what `timeout`, systemd and cluster schedulers send) stop a run alike: one
+    line, and the rerun resumes. A Tune run ends between its steps; a second signal stops at once."""
+    global _stopped_by
+    _stopped_by = signal.Signals(signum)
+    raytune = sys.modules.get("pokestudy.study.raytune")  # imported by `run` before Ray starts
+    if raytune is not None:
+        _exit_now_if_ray_died(wait=2.0)
+        if raytune.stop_between_steps():
+            return
+    logging.getLogger("sqlalchemy").setLevel(logging.CRITICAL)  # a query cut short logs its cleanup: we are leaving
+    raise KeyboardInterrupt
+
+
+def _interrupted() -> int:
+    """The one line an interrupted run ends with; returns its exit code."""
+    how = "" if _stopped_by == signal.SIGINT else f" by {_stopped_by.name}"
+    print(f"pokestudy: interrupted{how}; rerun the same command to continue", file=sys.stderr)
+    return 128 + _stopped_by
 
 
 def _trial_figure(record, path: Path) -> Path:
@@ -331,6 +366,17 @@ def _check_port(host: str, port: int) -> None:
                         "or stop what listens there") from None
 
 
+def _exit_now_if_ray_died(wait: float = 0.0) -> None:
+    """After SIGTERM to the whole process group (`timeout`, systemd) the local Ray is gone too: say so
+    and exit at once, for stopping its trials or `ray.shutdown` at exit would wait a minute for it."""
+    raytune = sys.modules.get("pokestudy.study.raytune")
+    if raytune is not None and raytune.local_ray_died(wait):
+        code = _interrupted()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
@@ -339,8 +385,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"pokestudy: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("pokestudy: interrupted; rerun the same command to continue", file=sys.stderr)
-        return 130
+        _exit_now_if_ray_died()
+        return _interrupted()
     except BrokenPipeError:  # output piped into `head` and friends: stop quietly
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0

@@ -272,3 +272,34 @@ def test_a_local_ray_that_cannot_start_says_so_without_an_address_of_none(tmp_pa
     assert out.returncode == 2, out.stderr
     assert_one_line_error(out.stderr)
     assert "local Ray" in out.stderr and "None" not in out.stderr
+
+
+def test_sigterm_and_ctrl_c_stop_a_run_with_one_line_and_the_rerun_finishes_it(tmp_path: Path):
+    """SIGTERM to the driver (`kill PID`), SIGTERM to its whole process group (`timeout`, systemd: Ray's
+    own processes end too) and Ctrl-C (SIGINT to the terminal's process group), each once one more trial
+    is stored: one line and a prompt exit, no C++ stack, no report; the rerun finishes the study."""
+    study = tiny_spec(tmp_path, "stop", factors={"arch": ["cnn", "resnet"]}, seeds=[0, 1, 2, 3],
+                      fixed={**SMOKE["fixed"], "epochs": 4})
+    db = tmp_path / "pokestudy.db"
+    for stop, group in [(signal.SIGTERM, False), (signal.SIGTERM, True), (signal.SIGINT, True)]:
+        before = count(db)
+        proc = launch("--study", study, "--results", str(tmp_path))
+        try:
+            deadline = time.monotonic() + 240
+            while count(db) <= before and proc.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.2)
+            assert count(db) > before and proc.poll() is None, "no further trial stored while the run ran"
+            sent = time.monotonic()
+            (os.killpg if group else os.kill)(proc.pid, stop)
+            _, err = proc.communicate(timeout=90)
+        finally:
+            kill_tree(proc)
+        assert proc.returncode == 128 + stop, err
+        assert err.strip().splitlines()[-1].startswith("pokestudy: interrupted"), err
+        assert not [s for s in ("Traceback", "SIGTERM received", "PC: @", "GCS") if s in err], err
+        assert time.monotonic() - sent < 45, "exit waited for a Ray that was gone"  # it waited 60 s
+    assert not (tmp_path / "stop" / "summary.md").exists()  # an interrupted study is not reported as finished
+    rerun = pokestudy("run", "--study", study, "--results", str(tmp_path))
+    assert rerun.returncode == 0, rerun.stderr
+    complete = optuna.load_study(study_name="stop", storage=f"sqlite:///{db}").get_trials(states=(TrialState.COMPLETE,))
+    assert len(complete) == 8 and len({t.user_attrs["key"] for t in complete}) == 8

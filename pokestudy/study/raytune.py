@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import socket
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -18,6 +20,24 @@ from pokestudy.data import Prepared
 from pokestudy.study.spec import Study, Work, condition_id
 from pokestudy.study.store import Store
 from pokestudy.train import Diverged, TrialConfig, run_trial
+
+_FITTING = threading.Event()  # a Tune run is going
+_STOPPING = threading.Event()  # Ctrl-C or SIGTERM came during it: it ends after its current step
+
+
+def stop_between_steps() -> bool:
+    """Called from a signal handler: ask the Tune run in progress to end after its current step, so no
+    storage write is cut in half; `Driver.fit` then raises KeyboardInterrupt. False when no run is going
+    or a stop was already asked (a second Ctrl-C stops at once)."""
+    if not _FITTING.is_set() or _STOPPING.is_set():
+        return False
+    _STOPPING.set()
+    return True
+
+
+def stopping() -> bool:
+    """Whether a stop was asked (a function, not the Event: Tune pickles its stopper, locks do not pickle)."""
+    return _STOPPING.is_set()
 
 
 def trainable(config: dict, data: Prepared) -> None:
@@ -90,14 +110,14 @@ def _bridge(owner: dict[str, Store], distributions: dict, tuned: tuple[str, ...]
 
         def on_trial_complete(self, iteration, trials, trial, **info):
             key = trial.config["work"]["key"]
-            if key in owner[key].open:  # stopped by the scheduler (ASHA) before its summary
+            if key in owner[key].open and not stopping():  # stopped by the scheduler (ASHA) before its summary
                 owner[key].prune(key)
                 progress.done += 1
                 self._show(trials, f"stopped early {key}")
 
         def on_trial_error(self, iteration, trials, trial, **info):
             key = trial.config["work"]["key"]
-            if key in owner[key].open:
+            if key in owner[key].open and not stopping():  # while stopping, left RUNNING: the rerun runs it
                 self._failed(trials, key, _error_text(trial))
 
         def _failed(self, trials, key: str, error: str) -> None:
@@ -145,6 +165,20 @@ def _error_text(trial) -> str:
     return str(getattr(trial, "error_msg", None) or "the trial's worker failed")
 
 
+def _when_stopping():
+    """A Tune stopper that ends the whole run once `stop_between_steps` was called."""
+    from ray.tune import Stopper
+
+    class WhenStopping(Stopper):
+        def __call__(self, trial_id: str, result: dict) -> bool:
+            return False
+
+        def stop_all(self) -> bool:
+            return stopping()
+
+    return WhenStopping()
+
+
 class Driver:
     """Everything one `pokestudy run` needs to hand trials to Ray Tune."""
 
@@ -175,10 +209,16 @@ class Driver:
             run_config=tune.RunConfig(
                 name=f"{name}-{int(time.time())}", storage_path=str((self.results / ".ray").resolve()),
                 verbose=2 if self.verbose else 0, callbacks=[_bridge(owner, distributions or {}, tuned, progress)],
-                failure_config=tune.FailureConfig(max_failures=self.spec.resources.retries)),
+                failure_config=tune.FailureConfig(max_failures=self.spec.resources.retries), stop=_when_stopping()),
         )
-        tuner.fit()
+        _FITTING.set()
+        try:
+            tuner.fit()
+        finally:
+            _FITTING.clear()
         print(file=sys.stderr)
+        if stopping():  # between Tune's steps: every trial is stored whole or left RUNNING for the rerun
+            raise KeyboardInterrupt
 
     def _epoch_cap(self) -> int:
         return max(TrialConfig.from_dict(self.spec.settings(c)).epochs for c in self.spec.conditions())
@@ -202,6 +242,9 @@ class Driver:
             os.environ.setdefault("RAY_AUTH_MODE", "token")
         os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
         os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
+        # Tune's own Ctrl-C handler ends `fit` as if the study were done (it was then reported, exit 0);
+        # the CLI's handler stops it through `stop_between_steps` instead.
+        os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
         import ray
 
         if not ray.is_initialized():
@@ -209,6 +252,7 @@ class Driver:
         self._check_fits(ray)
 
     def _init_ray(self, ray) -> None:
+        sigterm = signal.getsignal(signal.SIGTERM)
         try:
             ray.init(address=self.address or "local", include_dashboard=False, log_to_driver=self.verbose,
                      logging_level=logging.INFO if self.verbose else logging.ERROR)
@@ -219,6 +263,10 @@ class Driver:
                                 "start one with `ray start --head` or omit --address") from None
             raise UserError(f"cannot start a local Ray: {first}; check that its temp folder (RAY_TMPDIR, default "
                             "/tmp) is writable and has space, or pass --address of a running cluster") from None
+        if sigterm is not None:
+            # Ray's core worker installs a C++ SIGTERM handler that prints a stack trace and aborts;
+            # keep the process's own (the CLI's: stop like Ctrl-C), or the default.
+            signal.signal(signal.SIGTERM, sigterm)
         if not self.verbose:
             for logger in ("ray", "ray.tune", "ray.train", "ray.air"):  # failures reach the progress line instead
                 logging.getLogger(logger).setLevel(logging.CRITICAL)
@@ -234,6 +282,25 @@ class Driver:
         raise UserError(f"a trial asks for {need['CPU']:g} CPU and {need['GPU']:g} GPU, but no Ray node has that "
                         f"much (the most on one node: {most['CPU']:g} CPU, {most['GPU']:g} GPU); lower "
                         "--gpus-per-trial or the spec's resources.cpus, or use a cluster with such a node")
+
+
+def local_ray_died(wait: float = 1.0) -> bool:
+    """Whether a process of the local Ray this driver started has died: SIGTERM to the whole process
+    group (`timeout`, systemd) ends them with the driver, and then `ray.shutdown` at exit would wait a
+    minute for the dead GCS and print an error. `wait`: how long they may take to die after the signal."""
+    if "ray" not in sys.modules:
+        return False
+    import ray
+
+    node = ray._private.worker._global_node  # no public API tells this (checked on Ray 2.60); None when not init
+    if node is None:
+        return False
+    deadline = time.monotonic() + wait
+    while not node.dead_processes():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
 
 
 def check_address(address: str | None) -> None:
