@@ -303,3 +303,45 @@ def test_sigterm_and_ctrl_c_stop_a_run_with_one_line_and_the_rerun_finishes_it(t
     assert rerun.returncode == 0, rerun.stderr
     complete = optuna.load_study(study_name="stop", storage=f"sqlite:///{db}").get_trials(states=(TrialState.COMPLETE,))
     assert len(complete) == 8 and len({t.user_attrs["key"] for t in complete}) == 8
+
+
+OPEN_AT_ONCE = """
+import sys, time
+from pathlib import Path
+from pokestudy.study.store import storage
+print("ready", flush=True)
+while not Path(sys.argv[2]).exists():
+    time.sleep(0.001)
+storage(sys.argv[1])
+"""
+
+
+def test_processes_opening_one_new_sqlite_file_at_the_same_moment_all_succeed(tmp_path: Path):
+    """Optuna creates the schema on first open; processes that race there (two `pokestudy run`s
+    started together) must all get a working storage. They are held at one start line to race for sure."""
+    url, go = f"sqlite:///{tmp_path / 'new.db'}", tmp_path / "go"
+    procs = [subprocess.Popen([sys.executable, "-c", OPEN_AT_ONCE, url, str(go)], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(4)]
+    try:
+        assert [p.stdout.readline().strip() for p in procs] == ["ready"] * 4
+        go.touch()
+        outs = [(p.wait(timeout=60), p.stderr.read()) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    assert [code for code, _ in outs] == [0] * 4, [err.strip().splitlines()[-1] for code, err in outs if code]
+
+
+def test_two_runs_of_different_studies_started_together_on_a_new_sqlite_file_both_finish(tmp_path: Path):
+    specs = [tiny_spec(tmp_path, name, factors={"arch": ["cnn"]}, seeds=[0], fixed={**SMOKE["fixed"], "epochs": 2})
+             for name in ("first", "second")]
+    procs = [launch("--study", s, "--results", str(tmp_path)) for s in specs]
+    try:
+        outs = [p.communicate(timeout=240) for p in procs]
+    finally:
+        for p in procs:
+            kill_tree(p)
+    assert [p.returncode for p in procs] == [0, 0], [err for _, err in outs]
+    url = f"sqlite:///{tmp_path / 'pokestudy.db'}"
+    for name in ("first", "second"):
+        assert len(optuna.load_study(study_name=name, storage=url).get_trials(states=(TrialState.COMPLETE,))) == 1

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Callable
 
 import optuna
+import sqlalchemy.exc
 from optuna.artifacts import FileSystemArtifactStore, get_all_artifact_meta, upload_artifact
 from optuna.distributions import BaseDistribution, CategoricalDistribution
 from optuna.trial import TrialState, create_trial
@@ -28,8 +29,9 @@ from pokestudy.study.record import StudyRecord, TrialRecord
 from pokestudy.study.spec import Work
 
 optuna.logging.set_verbosity(logging.WARNING)
-OBJECTIVE = "val_acc (last epoch)"
-TrialFigure = Callable[[TrialRecord, Path], Path]  # draws a finished trial (the report layer passes one in)  # the study's value: validation accuracy of the model as trained
+OBJECTIVE = "val_acc (last epoch)"  # the study's value: validation accuracy of the model as trained
+TrialFigure = Callable[[TrialRecord, Path], Path]  # draws a finished trial (the report layer passes one in)
+SCHEMA_TRIES = 10  # openings of a new database while other processes create its schema
 
 
 @functools.cache
@@ -37,11 +39,26 @@ def storage(url: str) -> optuna.storages.BaseStorage:
     """An Optuna RDB storage, one per URL and process (each opening checks the schema);
     SQLite waits for readers (the dashboard) instead of failing."""
     kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {"pool_pre_ping": True}
-    try:
-        return optuna.storages.RDBStorage(url, engine_kwargs=kwargs)
-    except Exception as e:  # sqlalchemy raises many kinds; all mean "cannot use this URL"
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"cannot open storage {url!r}: {first}; pass --storage sqlite:///PATH or postgresql://…") from None
+    attempt = 1
+    while True:
+        try:
+            return optuna.storages.RDBStorage(url, engine_kwargs=kwargs)
+        except Exception as e:  # sqlalchemy raises many kinds; all mean "cannot use this URL"
+            if attempt < SCHEMA_TRIES and _lost_schema_race(e):
+                time.sleep(0.05 * attempt)
+                attempt += 1
+                continue
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise UserError(f"cannot open storage {url!r}: {first}; "
+                            "pass --storage sqlite:///PATH or postgresql://…") from None
+
+
+def _lost_schema_race(e: Exception) -> bool:
+    """Another process (a second `pokestudy run` started at the same moment) created a table or schema
+    row of a new database between Optuna's check and its own CREATE/INSERT: opening again finds them.
+    Optuna creates its tables without a lock, so both SQLite and PostgreSQL can lose this race."""
+    return isinstance(e, sqlalchemy.exc.IntegrityError) or (
+        isinstance(e, sqlalchemy.exc.DatabaseError) and "already exists" in str(e))
 
 
 def check_writable(results: Path) -> None:
