@@ -120,22 +120,23 @@ def write(name: str, generator: str, trials: Trials, table: pd.DataFrame, analys
 
 
 def _family(analysis: Analysis, delta: float) -> str:
-    """The family in one paragraph: what it counts and the level each interval is at."""
+    """The families in one paragraph: what each counts and the level its intervals are at."""
     kinds = analysis.verdicts["kind"].value_counts()
     claims = len(analysis.verdicts)
     parts = [f"{claims} claims × 2 intervals (gap and test accuracy)"]
     if len(analysis.heterogeneity):
         parts.append(f"{len(analysis.heterogeneity)} heterogeneity tests (one per pair of factors)")
-    if len(analysis.simple):
-        parts.append(f"{len(analysis.simple)} simple effects × 2 intervals (every main effect at every level of "
-                     "every other factor, shown or not)")
     words = {"effect": "main effects", "contrast": "contrasts", "interaction": "interactions"}
+    simple = (f" The {len(analysis.simple)} simple effects (every main effect at every level of every other factor, "
+              f"shown or not) are a second family of {analysis.simple_size} intervals, each at "
+              f"{100 * analysis.simple_confidence:.2f}%: they say where an effect holds; no label rests on them."
+              if len(analysis.simple) else "")
     return (f"{claims} claims ({', '.join(f'{n} {words[k]}' for k, n in kinds.items())}), each a paired difference "
             "(level − reference, matched on seed and the other factors) in the gap and in test accuracy. "
             f"**Family: {analysis.size}** = {' + '.join(parts)}: every interval is at "
             f"{100 * analysis.confidence:.2f}% and every test at α/{analysis.size} (Bonferroni), so all hold together "
-            f"with probability ≥ {100 * (1 - ALPHA):.0f}%. A main effect is an average over the grid of the other "
-            f"factors; where it may vary, its simple effects follow. Equivalence margin ±{delta:g} points.")
+            f"with probability ≥ {100 * (1 - ALPHA):.0f}%.{simple} A main effect is an average over the grid of the "
+            f"other factors; where it may vary, its simple effects follow. Equivalence margin ±{delta:g} points.")
 
 
 def _schedule(df: pd.DataFrame) -> str:

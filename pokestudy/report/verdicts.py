@@ -11,11 +11,12 @@ factorial model with the seed as a block). Where it does, or where a declared in
 decided, the main effect is given per level of the factor it varies with (simple effects) beside
 the pooled one, and its sentence says where it is smallest and largest.
 
-The family is everything these verdicts rest on, counted before looking at the data: per claim
-its gap and its test-accuracy interval, one test per pair of factors, and per main effect and
-other factor the simple effects at each level (gap and test accuracy), shown or not. Every
-interval is at 1 − α/m and every test at α/m (Bonferroni, m the family's size): all of them
-hold together with probability ≥ 95%, whichever are shown.
+The family is everything the verdicts rest on, counted before looking at the data: per claim its
+gap and its test-accuracy interval, and one test per pair of factors. Every interval is at 1 − α/m
+and every test at α/m (Bonferroni, m the family's size): all hold together with probability ≥ 95%.
+The simple effects (per main effect and other factor, at each level, gap and test accuracy) are a
+second family with its own correction, counted likewise before the data and whether shown or not:
+they say where a main effect holds, and no label rests on them, so they do not widen the verdicts.
 
 Labels come from `stats.label`: for the gap, *closes* / *widens* (interval below / above 0),
 *equivalent within ±δ*, *inconclusive*, or *inconclusive: budget too short* (a condition the claim
@@ -63,13 +64,15 @@ class Claim:
 class Analysis:
     """Everything `verdicts` computed: the claims, every candidate simple effect (`shown` where its
     main effect varies with that factor or a declared interaction is decided), the heterogeneity
-    tests, and the family's size and confidence."""
+    tests, and the size and confidence of the verdicts' family and of the simple effects' family."""
 
     verdicts: pd.DataFrame
     simple: pd.DataFrame
     heterogeneity: pd.DataFrame
     size: int
     confidence: float
+    simple_size: int
+    simple_confidence: float
 
 
 def claims(df: pd.DataFrame, report: ReportSpec) -> list[Claim]:
@@ -122,9 +125,9 @@ def _interaction(df: pd.DataFrame, first: str, second: str, a: tuple[str, str], 
     return Claim("interaction", name, diff("gap"), diff("test_acc"), bool(rows["converged"].all()), first, by=second)
 
 
-def family_size(main: list[Claim], pairs: list[tuple[str, str]], simple: list[Claim]) -> int:
-    """Two intervals per claim and per simple effect (gap and test accuracy), one test per pair of factors."""
-    return 2 * len(main) + len(pairs) + 2 * len(simple)
+def family_size(main: list[Claim], pairs: list[tuple[str, str]]) -> int:
+    """The verdicts' family: two intervals per claim (gap and test accuracy), one test per pair of factors."""
+    return 2 * len(main) + len(pairs)
 
 
 def analyse(df: pd.DataFrame, report: ReportSpec) -> Analysis:
@@ -134,7 +137,7 @@ def analyse(df: pd.DataFrame, report: ReportSpec) -> Analysis:
     names = [f for f in factors(df) if len(ls[f]) > 1]
     pairs = [(a, b) for i, a in enumerate(names) for b in names[i + 1:]]
     simple = simple_effects(df, [c for c in main if c.kind == "effect"])
-    size = family_size(main, pairs, simple)
+    size, simple_size = family_size(main, pairs), max(1, 2 * len(simple))
     delta = report.delta / 100
     found = stats.interaction_tests(df, "gap", [column(f) for f in names], "seed",
                                     [(column(a), column(b)) for a, b in pairs])
@@ -146,11 +149,12 @@ def analyse(df: pd.DataFrame, report: ReportSpec) -> Analysis:
     rows = {c.name: _row(c, delta, size, _averages(c, names)) for c in main}
     differs = {INTERACTS.format(direction=d) for d in ("narrower", "wider")}
     decided = {(c.factor, c.by) for c in main if c.kind == "interaction" and rows[c.name]["verdict"] in differs}
-    def shown(s: Claim) -> bool:  # showing more costs nothing: every candidate is in the family already
+
+    def shown(s: Claim) -> bool:  # showing more costs nothing: every candidate is in its family already
         return bool(tests[frozenset((s.factor, s.by))].p < ALPHA or (s.factor, s.by) in decided)
 
     simple_table = pd.DataFrame([{"effect": s.effect, "by": s.by, "at": s.at, "shown": shown(s),
-                                  **_row(s, delta, size, False)} for s in simple if s.by in names],
+                                  **_row(s, delta, simple_size, False)} for s in simple if s.by in names],
                                 columns=["effect", "by", "at", "shown", *COLUMNS])
     for c in (c for c in main if c.kind == "effect"):
         mine = simple_table[simple_table["effect"] == c.name]
@@ -159,7 +163,8 @@ def analyse(df: pd.DataFrame, report: ReportSpec) -> Analysis:
                             heterogeneity="; ".join(_variation(f, t, size) for f, t in others.items() if t.p == t.p),
                             everywhere=bool(len(mine) and ((mine["gap_hi"] < 0).all() or (mine["gap_lo"] > 0).all())))
     table = pd.DataFrame(list(rows.values()), columns=COLUMNS)
-    return Analysis(table, simple_table, heterogeneity, size, family_confidence(size))
+    return Analysis(table, simple_table, heterogeneity, size, family_confidence(size), simple_size,
+                    family_confidence(simple_size))
 
 
 def _averages(c: Claim, names: list[str]) -> bool:
