@@ -333,8 +333,8 @@ def test_processes_opening_one_new_sqlite_file_at_the_same_moment_all_succeed(tm
 
 
 def test_two_runs_of_different_studies_started_together_on_a_new_sqlite_file_both_finish(tmp_path: Path):
-    specs = [tiny_spec(tmp_path, name, factors={"arch": ["cnn"]}, seeds=[0], fixed={**SMOKE["fixed"], "epochs": 2})
-             for name in ("first", "second")]
+    specs = [tiny_spec(tmp_path, name, factors={"arch": ["cnn", "resnet"]}, seeds=[0],
+                       fixed={**SMOKE["fixed"], "epochs": 2}) for name in ("first", "second")]
     procs = [launch("--study", s, "--results", str(tmp_path)) for s in specs]
     try:
         outs = [p.communicate(timeout=240) for p in procs]
@@ -344,4 +344,4 @@ def test_two_runs_of_different_studies_started_together_on_a_new_sqlite_file_bot
     assert [p.returncode for p in procs] == [0, 0], [err for _, err in outs]
     url = f"sqlite:///{tmp_path / 'pokestudy.db'}"
     for name in ("first", "second"):
-        assert len(optuna.load_study(study_name=name, storage=url).get_trials(states=(TrialState.COMPLETE,))) == 1
+        assert len(optuna.load_study(study_name=name, storage=url).get_trials(states=(TrialState.COMPLETE,))) == 2
