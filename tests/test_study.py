@@ -81,7 +81,7 @@ def test_smoke_study_stores_every_trial_and_epoch_then_a_rerun_runs_nothing(smok
     assert all(t.state == TrialState.COMPLETE for t in trials)
     for t in trials:
         r = TrialRecord.from_trial(t)
-        assert set(t.intermediate_values) == set(range(1, r.epochs + 1)) and r.epochs <= study.fixed["epochs"]
+        assert set(t.intermediate_values) == set(range(1, r.epochs + 1)) and r.epochs == study.fixed["epochs"]
         assert r.final["gap"] == pytest.approx(r.final["train_acc"] - r.final["test_acc"])
         assert len(r.history["val_acc"]) == r.epochs and t.value == r.final["val_acc"]
         assert r.history["val_acc"][-1] == pytest.approx(r.final["val_acc"], abs=1e-3)
@@ -170,7 +170,7 @@ def _stored(db: Path) -> list:
 @pytest.mark.parametrize("change, message", [
     ({"data": "synthetic:classes=4,per_class=12"}, "data: synthetic:classes=6,per_class=16,size=32 → "
                                                    "synthetic:classes=4,per_class=12"),
-    ({"fixed": {**SMOKE["fixed"], "epochs": 13}}, "fixed.epochs: 12 → 13"),
+    ({"fixed": {**SMOKE["fixed"], "epochs": 13}}, f"fixed.epochs: {SMOKE['fixed']['epochs']} → 13"),
     ({"factors": {**SMOKE["factors"], "regularization": {"none": {}, "strong": {"weight_decay": 0.1}}}},
      "factors.regularization.strong.weight_decay: 0.05 → 0.1"),
 ])
