@@ -42,7 +42,7 @@ def build(url: str, name: str, results: Path, formats: tuple[str, ...], generato
     checked = budget.budget_check(df, longer, spec.report)
     if not checked.empty:
         claims["budget_check"] = checked["budget_check"].to_numpy()
-    checks = budget.sentences(checked, budget.length_check(df), _pilot(url, spec))
+    checks = budget.sentences(spec.budget_check, checked, budget.length_check(df), _pilot(url, spec))
     tuning = tuning_table(url, name, df, spec)
     written = [*tables.export(everything.frame.drop(columns=["history", "settings"]), out, "trials", ("csv",)),
                *tables.export(table, out, "gap", formats), *tables.export(claims, out, "verdicts", formats)]

@@ -19,7 +19,7 @@ from statsmodels.stats.multitest import multipletests
 
 from pokestudy.report.tables import ALPHA, column, factors, public
 from pokestudy.report.verdicts import verdicts
-from pokestudy.study.spec import ReportSpec
+from pokestudy.study.spec import BudgetCheck, ReportSpec
 
 HOLDS, DEPENDENT, UNCHECKED = "holds", "budget-dependent", "not checked"
 
@@ -76,8 +76,9 @@ def length_check(df: pd.DataFrame) -> pd.DataFrame:
     return out
 
 
-def sentences(budget: pd.DataFrame, lengths: pd.DataFrame, pilot: tuple[str, pd.DataFrame] | None) -> list[str]:
-    """The summary's lines on the pilot that chose the budget and on both checks."""
+def sentences(check: BudgetCheck | None, budget: pd.DataFrame, lengths: pd.DataFrame,
+              pilot: tuple[str, pd.DataFrame] | None) -> list[str]:
+    """The summary's lines on the pilot that chose the budget and on both checks (`check`: the spec's)."""
     lines = []
     if pilot is not None:
         name, table = pilot
@@ -85,8 +86,10 @@ def sentences(budget: pd.DataFrame, lengths: pd.DataFrame, pilot: tuple[str, pd.
                      "(epochs):\n\n" + table.to_markdown(index=False) if not table.empty else
                      f"**The budget's pilot** (study `{name}`) is not in this storage; its numbers are in the spec.")
     if budget.empty:
-        lines.append("**Budget check: not run** (the spec has no `budget_check`): whether more training would "
-                     "change a label is not known.")
+        why = ("the spec has no `budget_check`" if check is None else
+               f"the spec asks for one at {check.factor:g}× the budget, but none of its trials has finished yet: "
+               "rerun the same `pokestudy run` to continue")
+        lines.append(f"**Budget check: not run** ({why}): whether more training would change a label is not known.")
     else:
         factor = budget["budget_factor"].iloc[0]
         dependent = budget[budget["budget_check"] == DEPENDENT]
