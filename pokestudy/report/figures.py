@@ -50,7 +50,8 @@ def _save(fig: plt.Figure, path: Path) -> Path:
 
 def curves(df: pd.DataFrame, out: Path) -> Path:
     """Train vs test (and extra sets) accuracy per epoch for every condition: mean over seeds, band =
-    min..max. A trial that stopped early keeps its last value, so every seed counts at every epoch."""
+    min..max. Under the fixed schedule a condition's trials all train the same epochs; a shorter one
+    would keep its last value, so that every seed counts at every epoch."""
     conditions = list(dict.fromkeys(df["condition"]))
     cols = min(4, len(conditions))
     rows = -(-len(conditions) // cols)
@@ -78,7 +79,7 @@ def curves(df: pd.DataFrame, out: Path) -> Path:
 
 
 def _padded(group: pd.DataFrame, metric: str) -> np.ndarray:
-    """Seeds x epochs of one metric; a run that stopped early is carried at its last value."""
+    """Seeds x epochs of one metric; a shorter run is carried at its last value."""
     runs = [h[metric] for h in group["history"]]
     n = max(len(r) for r in runs)
     return np.array([r + [r[-1]] * (n - len(r)) for r in runs])
