@@ -162,18 +162,17 @@ def _buckets(desc: np.ndarray, positions: np.ndarray) -> tuple[np.ndarray, np.nd
         key = (key << np.uint64(1)) | ((desc[:, p >> 3] >> (7 - (p & 7))) & 1).astype(np.uint64)
     order = np.argsort(key, kind="stable")
     key = key[order]
-    start = np.full(len(key), -1, np.int64)
-    size = np.zeros(len(key), np.int64)
+    rows, left = [], np.arange(len(key))  # positions not yet in a small enough bucket: whole runs, in order
     for bits in range(KEY_BITS[0], KEY_BITS[1] + 1):
-        prefix = key >> np.uint64(KEY_BITS[1] - bits)
-        new = np.r_[True, prefix[1:] != prefix[:-1]]
-        run_start = np.flatnonzero(new)
-        run_size = np.diff(np.r_[run_start, len(key)])
-        run = np.cumsum(new) - 1
-        settle = (start < 0) & (run_size[run] <= BUCKET)
-        start[settle], size[settle] = run_start[run[settle]], run_size[run[settle]]
-    first = np.flatnonzero((start >= 0) & (np.arange(len(key)) == start))  # one row per bucket
-    return order, np.stack([first, size[first]], axis=1)
+        prefix = key[left] >> np.uint64(KEY_BITS[1] - bits)
+        run_start = np.flatnonzero(np.r_[True, prefix[1:] != prefix[:-1]])
+        run_size = np.diff(np.r_[run_start, len(prefix)])
+        small = run_size <= BUCKET
+        rows.append(np.stack([left[run_start[small]], run_size[small]], axis=1))
+        left = left[np.repeat(~small, run_size)]
+        if not len(left):
+            break
+    return order, np.concatenate(rows)
 
 
 def inliers(a: tuple[np.ndarray, np.ndarray], b: tuple[np.ndarray, np.ndarray]) -> int:
