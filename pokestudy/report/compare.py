@@ -13,6 +13,7 @@ from pathlib import Path
 import pandas as pd
 
 from pokestudy import UserError
+from pokestudy.report.budget import split_budgets
 from pokestudy.report.stats import HIGHER, LOWER, family_confidence, interval_text, label, welch
 from pokestudy.report.tables import export, read
 from pokestudy.study.record import differences, provenance_line
@@ -28,7 +29,7 @@ def compare(url: str, first: str, second: str, results: Path) -> Path:
     if fa != fb:
         raise UserError(f"studies {first} and {second} have different factors ({', '.join(fa)} vs "
                         f"{', '.join(fb)}); compare two runs of one design")
-    x_all, y_all = a.frame, b.frame
+    x_all, y_all = (split_budgets(t.frame)[0] for t in (a, b))  # at each study's budget, not its budget check's
     shared = [c for c in dict.fromkeys(x_all["condition"]) if c in set(y_all["condition"])]
     if not shared:
         raise UserError(f"studies {first} and {second} have no condition with finished trials in both")
