@@ -211,6 +211,7 @@ class Driver:
                 verbose=2 if self.verbose else 0, callbacks=[_bridge(owner, distributions or {}, tuned, progress)],
                 failure_config=tune.FailureConfig(max_failures=self.spec.resources.retries), stop=_when_stopping()),
         )
+        _STOPPING.clear()  # a stop asked of an earlier run in this process (`run_study` called in-process) is spent
         _FITTING.set()
         try:
             tuner.fit()
