@@ -33,7 +33,7 @@ def build(url: str, name: str, results: Path, formats: tuple[str, ...], generato
     out = results / name
     out.mkdir(parents=True, exist_ok=True)
     everything = tables.read(study)
-    df, longer = budget.split_budgets(everything.frame)  # the study's budget; its budget check's longer trials
+    df, longer = budget.split_budgets(everything.frame, everything.spec.budget_check)  # B; the check's k·B
     trials = replace(everything, frame=df)
     spec, classes = trials.spec, trials.record.data["classes"]
     table = tables.gap_table(df)

@@ -24,9 +24,10 @@ from pokestudy.study.spec import BudgetCheck, ReportSpec
 HOLDS, DEPENDENT, UNCHECKED = "holds", "budget-dependent", "not checked"
 
 
-def split_budgets(df: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """The study's own trials (budget 1) and those of its budget check (a larger multiple)."""
-    return df[df["budget"] == 1], df[df["budget"] != 1]
+def split_budgets(df: pd.DataFrame, check: BudgetCheck | None) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The study's own trials (budget 1) and those of its budget check at the spec's factor (trials of
+    an earlier factor stay stored, and out of both)."""
+    return df[df["budget"] == 1], df[df["budget"] == (check.factor if check else -1)]
 
 
 def budget_check(main: pd.DataFrame, longer: pd.DataFrame, report: ReportSpec) -> pd.DataFrame:

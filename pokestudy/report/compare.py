@@ -29,7 +29,7 @@ def compare(url: str, first: str, second: str, results: Path) -> Path:
     if fa != fb:
         raise UserError(f"studies {first} and {second} have different factors ({', '.join(fa)} vs "
                         f"{', '.join(fb)}); compare two runs of one design")
-    x_all, y_all = (split_budgets(t.frame)[0] for t in (a, b))  # at each study's budget, not its budget check's
+    x_all, y_all = (split_budgets(t.frame, None)[0] for t in (a, b))  # each at its own budget, not its check's
     shared = [c for c in dict.fromkeys(x_all["condition"]) if c in set(y_all["condition"])]
     if not shared:
         raise UserError(f"studies {first} and {second} have no condition with finished trials in both")

@@ -153,10 +153,13 @@ def _schedule(df: pd.DataFrame) -> str:
 
 
 def _grouping(near: dict) -> str:
+    """The grouping rule in words; manifests older than the crop matcher have no `bits` / `crops`."""
     if not near.get("threshold"):
         return "duplicates grouped by exact bytes only"
-    return (f"near-duplicates within {near['threshold']} of 64 perceptual-hash bits grouped: {near['groups']} groups "
-            f"of {near['images']} images, {near['straddled_exact_split']} of which exact-bytes grouping would split")
+    bits, crops = near.get("bits", near["threshold"]), near.get("crops", False)
+    how = f"within {bits} of 64 perceptual-hash bits" + (" or matched as crops (ORB keypoints)" if crops else "")
+    return (f"near-duplicates {how} grouped: {near['groups']} groups of {near['images']} images, "
+            f"{near['straddled_exact_split']} of which exact-bytes grouping would split")
 
 
 def _count(duplicates: list | int) -> int:
