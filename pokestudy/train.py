@@ -243,7 +243,8 @@ def run_trial(cfg: TrialConfig, data: Prepared, on_epoch: Callable[[Record], Non
         exact = epoch > cfg.epochs - q - w  # the convergence check and the final numbers read whole sets
         record, test_pred = _measure(model, data, device, None if exact else subset)
         record = {"epoch": epoch, "lr": opt.param_groups[0]["lr"], "train_acc_augmented": augmented, **record,
-                  "train_images": n_train, "steps": epoch * steps, "images_per_s": epoch * steps * batch / train_seconds,
+                  "train_images": n_train, "steps": epoch * steps,
+                  "images_per_s": epoch * steps * batch / train_seconds,
                   "seconds": time.perf_counter() - start}
         history.append(record)
         if on_epoch:
@@ -263,8 +264,8 @@ def _training_pool(cfg: TrialConfig, data: Prepared, device: torch.device,
     policy = POLICIES[cfg.augment]
     if policy.offline:
         sources = [data.sets[s] for s in (("train", "val", "test") if policy.leak else ("train",))]
-        x_new, y_new = copies(torch.cat([x for x, _ in sources]).to(device), torch.cat([y for _, y in sources]).to(device),
-                              policy.offline, cfg.offline_target, gen)
+        x_all, y_all = (torch.cat([pair[i] for pair in sources]).to(device) for i in (0, 1))
+        x_new, y_new = copies(x_all, y_all, policy.offline, cfg.offline_target, gen)
         x_pool, y_pool = torch.cat([x_pool, x_new]), torch.cat([y_pool, y_new])
     return x_pool, y_pool
 

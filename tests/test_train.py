@@ -24,7 +24,8 @@ def data():
 
 def test_training_raises_train_accuracy_and_reports_every_metric(data):
     records = []
-    summary = run_trial(TrialConfig(arch="cnn", width=8, res=32, epochs=4, batch_size=16, lr=0.01), data, records.append)
+    cfg = TrialConfig(arch="cnn", width=8, res=32, epochs=4, batch_size=16, lr=0.01)
+    summary = run_trial(cfg, data, records.append)
     assert [r["epoch"] for r in records] == [1, 2, 3, 4]
     for key in ("train_loss", "train_acc", "train_acc_augmented", "val_acc", "test_acc", "gap",
                 "images_per_s", "seconds"):

@@ -146,9 +146,8 @@ def differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
         out.append(f"data: {o['source']} → {n['source']}")
     elif o["fingerprint"] != n["fingerprint"]:
         out.append(f"data files changed (fingerprint {o['fingerprint']} → {n['fingerprint']})")
-    out += [f"data.{k}: {o.get(k, '(none)')} → {n.get(k, '(none)')}" for k in ("res", "split_seed", "fractions", "evals",
-                                                                                        "near_duplicates")
-            if o.get(k) != n.get(k)]
+    keys = ("res", "split_seed", "fractions", "evals", "near_duplicates")  # optional ones: older identities lack them
+    out += [f"data.{k}: {o.get(k, '(none)')} → {n.get(k, '(none)')}" for k in keys if o.get(k) != n.get(k)]
     flat_old, flat_new = _flatten(old["design"]), _flatten(new["design"])
     for k in sorted(set(flat_old) | set(flat_new)):
         if flat_old.get(k, "(none)") != flat_new.get(k, "(none)"):
@@ -171,7 +170,8 @@ def provenance(manifest: dict[str, Any], threads_per_trial: float, started: str,
     """Where and with what a study ran: versions, code revision, machine, data, times."""
     import torch
 
-    gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
+    gpus = ([torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+            if torch.cuda.is_available() else [])
     return {
         "pokestudy": __version__, "git": _git(), "python": platform.python_version(),
         "packages": {p: _version(p) for p in PACKAGES},

@@ -148,7 +148,8 @@ class Study(Strict):
             if not levels:
                 raise ValueError(f"factor {name!r} has no levels")
             if isinstance(levels, list) and name not in SETTINGS:
-                raise ValueError(f"factor {name!r} given as a list must be a trial setting ({', '.join(sorted(SETTINGS))}); "
+                raise ValueError(f"factor {name!r} given as a list must be a trial setting "
+                                 f"({', '.join(sorted(SETTINGS))}); "
                                  "otherwise give named bundles of settings")
         return v
 
@@ -156,7 +157,8 @@ class Study(Strict):
     def _conditions_valid(self) -> "Study":
         unknown = set(self.fixed) - SETTINGS
         if unknown:
-            raise ValueError(f"unknown fixed setting(s) {', '.join(sorted(unknown))}; known: {', '.join(sorted(SETTINGS))}")
+            raise ValueError(f"unknown fixed setting(s) {', '.join(sorted(unknown))}; "
+                             f"known: {', '.join(sorted(SETTINGS))}")
         tuned = set(self.nuisance.params) if self.nuisance else set()
         if tuned - SETTINGS:
             raise ValueError(f"unknown nuisance parameter(s) {', '.join(sorted(tuned - SETTINGS))}")
@@ -167,7 +169,8 @@ class Study(Strict):
         levels = self.levels()
         for c in self.report.contrasts:
             if c.factor not in levels or {c.level, c.reference} - set(levels[c.factor]):
-                raise ValueError(f"report contrast {c.factor}={c.level} vs {c.reference} names no factor level of this study")
+                raise ValueError(f"report contrast {c.factor}={c.level} vs {c.reference} names no factor level "
+                                 "of this study")
         for pair in self.report.interactions:
             if set(pair) - set(levels) or pair[0] == pair[1]:
                 raise ValueError(f"report interaction {' x '.join(pair)} needs two different factors of this study")

@@ -196,7 +196,8 @@ class Store:
                    if k.endswith(("_acc", "gap")) or k in ("lr", "train_acc_augmented", "train_eval_n")}
         record = TrialRecord(
             key=work.key, identity=self.identity, condition=work.condition, seed=work.seed, settings=work.settings,
-            budget=work.budget, converged=summary["converged"], epochs=int(final["epoch"]), best_epoch=int(summary["best"]["epoch"]),
+            budget=work.budget, converged=summary["converged"], epochs=int(final["epoch"]),
+            best_epoch=int(summary["best"]["epoch"]),
             seconds=final["seconds"], images_per_s=final["images_per_s"],
             final={k: v for k, v in final.items() if k not in ("epoch", "seconds", "images_per_s", "lr")},
             history=history)
