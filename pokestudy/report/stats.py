@@ -222,6 +222,8 @@ def interaction_tests(frame: pd.DataFrame, response: str, factors: list[str], bl
     """The two-factor interaction F-test of each pair, in the full-factorial model of `response` on
     every factor with `block` (the seed) as an additive block (statsmodels, type II sums of squares).
     Untestable (NaN) until every cell of the grid has a trial and the residual has degrees of freedom."""
+    if not pairs:  # fewer than two factors with two levels: nothing to test (and nothing to group by)
+        return {}
     names = {f: f"f{i}" for i, f in enumerate(factors)}
     data = pd.DataFrame({names[f]: frame[f].astype(str).to_numpy() for f in factors})
     data["block"], data["y"] = frame[block].astype(str).to_numpy(), frame[response].to_numpy(float)
@@ -235,7 +237,10 @@ def interaction_tests(frame: pd.DataFrame, response: str, factors: list[str], bl
     model = smf.ols(f"y ~ {terms}" + (" + C(block)" if blocks > 1 else ""), data).fit()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        table = sm.stats.anova_lm(model, typ=2)
+        try:
+            table = sm.stats.anova_lm(model, typ=2)
+        except ValueError:  # a term without degrees of freedom in a partly run grid (patsy: empty constraint)
+            return {p: UNTESTABLE for p in pairs}
     out = {}
     for a, b in pairs:
         row = table.loc[f"C({names[a]}):C({names[b]})"]
