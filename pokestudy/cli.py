@@ -83,7 +83,8 @@ def _train(args: argparse.Namespace) -> None:
         if args.json:
             print(json.dumps(record), flush=True)
         else:
-            print("  ".join(f"{record[c]:>12.3f}" if c != "epoch" else f"{record[c]:>12d}" for c in columns), flush=True)
+            cells = (f"{record[c]:>12.3f}" if c != "epoch" else f"{record[c]:>12d}" for c in columns)
+            print("  ".join(cells), flush=True)
 
     try:
         summary = run_trial(cfg, data, show)
@@ -147,7 +148,8 @@ def parser() -> argparse.ArgumentParser:
                                                   "or a path to a .yaml spec")
     r.add_argument("--data", help="override the spec's data source")
     r.add_argument("--eval", action="append", metavar="NAME=PATH",
-                   help="an outside evaluation set (a folder, one sub-folder per class), evaluated every epoch; repeatable")
+                   help="an outside evaluation set (a folder, one sub-folder per class), evaluated every epoch; "
+                        "repeatable")
     _near_arg(r)
     r.add_argument("--address", help="an existing Ray cluster (default: a local Ray sized to this machine)")
     r.add_argument("--max-concurrent", type=int, help="at most this many trials at once")
@@ -316,7 +318,8 @@ def _studies(args: argparse.Namespace) -> None:
         counts: dict[str, int] = {}
         for t in study.get_trials(deepcopy=False):
             counts[t.state.name] = counts.get(t.state.name, 0) + 1
-        print(f"{s.study_name:<{width}}{s.n_trials:>4} trials  " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
+        states = ", ".join(f"{k} {v}" for k, v in sorted(counts.items()))
+        print(f"{s.study_name:<{width}}{s.n_trials:>4} trials  {states}")
         try:
             print(f"{'':<{width}}{provenance_line(StudyRecord.from_study(study).provenance)}")
         except RecordError:

@@ -22,7 +22,7 @@ from typing import Callable, Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 from pokestudy import UserError
 from pokestudy.data import Prepared, check_res
@@ -69,24 +69,19 @@ class TrialConfig(BaseModel):
         except ValidationError as e:
             raise UserError(_one_line(e)) from None
 
-    @field_validator("arch")
+    @field_validator("arch", "augment")
     @classmethod
-    def _known_arch(cls, v: str) -> str:
-        if v not in MODELS:
-            raise ValueError(f"unknown arch {v!r}; choose one of {', '.join(MODELS)}")
+    def _known_choice(cls, v: str, info: ValidationInfo) -> str:
+        """A registry name: an arch from MODELS, an augmentation policy from POLICIES."""
+        kind, known = {"arch": ("arch", MODELS), "augment": ("augmentation", POLICIES)}[info.field_name]
+        if v not in known:
+            raise ValueError(f"unknown {kind} {v!r}; choose one of {', '.join(known)}")
         return v
 
     @field_validator("res")
     @classmethod
     def _res_in_range(cls, v: int) -> int:
         check_res(v)  # the package's one resolution bound, with its one message
-        return v
-
-    @field_validator("augment")
-    @classmethod
-    def _known_policy(cls, v: str) -> str:
-        if v not in POLICIES:
-            raise ValueError(f"unknown augmentation {v!r}; choose one of {', '.join(POLICIES)}")
         return v
 
     @classmethod

@@ -44,7 +44,8 @@ def test_cache_is_reused_while_inputs_are_unchanged_and_rebuilt_when_they_change
     ("no-classes", "no class sub-folders"),
     ("undecodable-class", "no decodable image"),
 ])
-def test_bad_folders_are_refused_without_writing_a_cache(tmp_path: Path, private_cache: Path, problem: str, message: str):
+def test_bad_folders_are_refused_without_writing_a_cache(tmp_path: Path, private_cache: Path, problem: str,
+                                                         message: str):
     path = tmp_path / "data"
     if problem == "no-classes":
         path.mkdir()
@@ -117,7 +118,8 @@ def test_the_same_bytes_under_two_classes_are_a_label_conflict_and_neither_copy_
     assert "conflicts   1" in out.stdout and "class2/3.jpg = class1/stray.jpg" in out.stdout.replace(
         "class1/stray.jpg = class2/3.jpg", "class2/3.jpg = class1/stray.jpg")
     ds = load(str(messy_folder), 32)
-    assert ds.manifest["conflicts"] == [{"classes": ["class1", "class2"], "paths": ["class1/stray.jpg", "class2/3.jpg"]}]
+    assert ds.manifest["conflicts"] == [{"classes": ["class1", "class2"],
+                                         "paths": ["class1/stray.jpg", "class2/3.jpg"]}]
     assert torch.bincount(ds.labels).tolist() == [11, 12, 7, 1], "the class2 original is dropped as well"
     assert len(ds.manifest["duplicates"]) == 1
 

@@ -92,7 +92,8 @@ def test_three_kill_9s_then_a_normal_run_lose_nothing_and_duplicate_nothing(tmp_
 def test_a_killed_worker_is_retried_then_recorded_failed_and_the_study_finishes(tmp_path: Path):
     path = tmp_path / "crash.yaml"
     path.write_text(yaml.safe_dump({**SMOKE, "name": "crash", "seeds": [0], "factors": {"arch": ["cnn"]}, "report": {},
-                                    "fixed": {**SMOKE["fixed"], "epochs": 400}, "resources": {"cpus": 1, "retries": 1}}))
+                                    "fixed": {**SMOKE["fixed"], "epochs": 400},
+                                    "resources": {"cpus": 1, "retries": 1}}))
     proc = launch("--study", str(path), "--results", str(tmp_path))
     kills = 0
     deadline = time.monotonic() + 240

@@ -144,7 +144,8 @@ def test_dashboard_in_headless_chromium_answers_the_question_at_a_glance(smoke_r
                 "--disable-sync"])
             page = browser.new_page(viewport={"width": 1280, "height": 900})
             importances: list[dict] = []
-            page.on("response", lambda r: importances.append(r.json()) if r.url.endswith("/param_importances") else None)
+            page.on("response",
+                    lambda r: importances.append(r.json()) if r.url.endswith("/param_importances") else None)
             page.goto(f"{base}/dashboard")
             link = page.get_by_role("link", name="smoke")
             link.wait_for(timeout=30_000)

@@ -144,7 +144,8 @@ def test_kill_9_of_the_driver_then_rerun_ends_with_exactly_the_expected_trials(t
 
 def test_nuisance_tuning_then_seeds_rerun_each_conditions_best_setting(tmp_path: Path, ray_local):
     path = write_spec(tmp_path, name="tiny-tune", seeds=[0, 1], factors={"arch": ["cnn"], "augment": ["none", "paper"]},
-                      nuisance={"params": {"lr": {"low": 0.001, "high": 0.1, "log": True}}, "trials": 3, "asha_grace": 1},
+                      nuisance={"params": {"lr": {"low": 0.001, "high": 0.1, "log": True}}, "trials": 3,
+                                "asha_grace": 1},
                       fixed={"width": 4, "epochs": 3, "batch_size": 16})
     url = f"sqlite:///{tmp_path / 'db.sqlite'}"
     runner.run_study(spec.load(str(path)), storage=url, results=tmp_path, study_name="tiny-tune")
