@@ -1,7 +1,8 @@
 """Data: decode a source once into a cached uint8 tensor, then split it for trials.
 
-`load` returns the cached `Dataset`; `prepare` adds the split and hands trials a `Prepared`
-bundle of tensors. Nothing downstream ever opens an image file.
+`load` returns the cached `Dataset`; `pool` groups it into the `Pool` a study ships to its trials, and
+`Pool.split` deals one replicate's train / val / test into the `Prepared` tensors a trial trains on
+(`prepare` does both, for one split). Nothing downstream ever opens an image file.
 """
 
 from __future__ import annotations
@@ -170,13 +171,43 @@ def _write(blob: dict, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def prepare(spec: str, res: int, split_seed: int = 0, fractions: tuple[float, float, float] = (0.7, 0.15, 0.15),
-            evals: dict[str, str] | None = None, near_duplicates: int | str | None = None) -> Prepared:
-    """Load (or decode) the data and split it; the split depends only on the data, `split_seed` and
-    `near_duplicates`, the grouping rule (`near.parse_rule`: BITS, the most bits in which two images'
+@dataclass
+class Pool:
+    """A study's data before any split: decoded, grouped, with its outside evaluation sets. Each replicate
+    splits it its own way (`split`); it holds NumPy arrays, which Ray's object store hands to every trial of
+    a node without a copy (a torch tensor is deserialized into each trial's own memory)."""
+
+    images: np.ndarray  # N x 3 x R x R, uint8
+    labels: np.ndarray  # N, int64
+    groups: np.ndarray  # N, int64: the near-duplicate groups, which no split cuts in two
+    extras: dict[str, tuple[np.ndarray, np.ndarray]]
+    classes: list[str]
+    fractions: tuple[float, float, float]
+    manifest: dict  # the data, the grouping rule and the base split (`split_seed`, its sizes)
+    near_groups: list[dict] = field(default_factory=list)  # every near-duplicate group, for `data info --json`
+
+    def split(self, seed: int) -> Prepared:
+        """The data as split by `seed`: stratified by class, whole groups to each split, deterministic."""
+        labels, groups = torch.from_numpy(self.labels), torch.from_numpy(self.groups)
+        idx = split(labels, groups, self.fractions, seed)
+        _check_splittable(self.classes, labels, groups, idx)
+        sets = {s: (torch.from_numpy(self.images[idx[s].numpy()]), labels[idx[s]]) for s in SPLITS}
+        sets.update({name: (torch.from_numpy(x.copy()), torch.from_numpy(y.copy())) for name, (x, y) in
+                     self.extras.items()})
+        manifest = {**self.manifest, "split_seed": seed, "splits": {s: len(idx[s]) for s in SPLITS}}
+        return Prepared(sets=sets, classes=self.classes, manifest=manifest, train_groups=groups[idx["train"]],
+                        near_groups=self.near_groups)
+
+
+def pool(spec: str, res: int, split_seed: int = 0, fractions: tuple[float, float, float] = (0.7, 0.15, 0.15),
+         evals: dict[str, str] | None = None, near_duplicates: int | str | None = None) -> Pool:
+    """Load (or decode) the data and group it, once per study: the split is left to each replicate.
+
+    `near_duplicates` is the grouping rule (`near.parse_rule`: BITS, the most bits in which two images'
     perceptual hashes may differ for them to share a group, 0 for exact bytes only, and `+crops` for the
-    crop matcher too; None: the source's default). `evals` adds outside evaluation sets: {name: folder
-    in the ImageFolder layout}."""
+    crop matcher too; None: the source's default). `evals` adds outside evaluation sets: {name: folder in
+    the ImageFolder layout}. `split_seed` is the base split the manifest describes (its sizes, and how many
+    near-duplicate groups the exact-bytes rule would have let straddle it)."""
     ds = load(spec, res)
     source = sources.parse(spec)
     rule = near.parse_rule(source.near_duplicates if near_duplicates is None else near_duplicates)
@@ -188,35 +219,43 @@ def prepare(spec: str, res: int, split_seed: int = 0, fractions: tuple[float, fl
     crops_changed = not torch.equal(groups, by_phash)
     exact = split(ds.labels, ds.groups, fractions, split_seed)
     idx = split(ds.labels, groups, fractions, split_seed) if rule.bits or rule.crops else exact
-    sets = {s: (ds.images[idx[s]], ds.labels[idx[s]]) for s in SPLITS}
-    sets.update(ds.extras)
     summary, listing = _near_summary(ds, groups, by_phash, rule, exact)
     tested = set(ds.labels[idx["test"]].tolist())
     manifest = {**ds.manifest, "data": spec, "cache": str(ds.path), "split_seed": split_seed,
                 "fractions": list(fractions), "splits": {s: len(idx[s]) for s in SPLITS}, "near_duplicates": summary,
                 "train_only": [c for n, c in enumerate(ds.classes) if n not in tested]}
+    extras = {name: (x.numpy(), y.numpy()) for name, (x, y) in ds.extras.items()}
     if evals:
         manifest["evals"] = {}
         for name, path in evals.items():
-            if name in sets:
-                raise UserError(f"evaluation set name {name!r} is taken; choose another than {', '.join(sets)}")
-            sets[name], manifest["evals"][name] = _outside(name, path, res, ds, rule)
+            if name in (*SPLITS, *extras):
+                raise UserError(f"evaluation set name {name!r} is taken; choose another than "
+                                f"{', '.join((*SPLITS, *extras))}")
+            (x, y), manifest["evals"][name] = _outside(name, path, res, ds, rule)
+            extras[name] = (x.numpy(), y.numpy())
             crops_changed |= manifest["evals"][name]["found_only_by_crops"] > 0
     # The rule as it acted: `BITS+crops` only where the crop matcher changed a group or an outside set, so a
     # study whose data it leaves alone keeps the identity it had before the matcher existed.
     summary["threshold"] = near.Rule(rule.bits, rule.crops and crops_changed).value
-    _check_splittable(ds, groups, idx)
-    return Prepared(sets=sets, classes=ds.classes, manifest=manifest, train_groups=groups[idx["train"]],
-                    near_groups=listing)
+    _check_splittable(ds.classes, ds.labels, groups, idx)
+    return Pool(images=ds.images.numpy(), labels=ds.labels.numpy(), groups=groups.numpy(), extras=extras,
+                classes=ds.classes, fractions=tuple(fractions), manifest=manifest, near_groups=listing)
 
 
-def _check_splittable(ds: Dataset, groups: torch.Tensor, idx: dict[str, torch.Tensor]) -> None:
+def prepare(spec: str, res: int, split_seed: int = 0, fractions: tuple[float, float, float] = (0.7, 0.15, 0.15),
+            evals: dict[str, str] | None = None, near_duplicates: int | str | None = None) -> Prepared:
+    """The data split once, by `split_seed`: for one trial (`pokestudy train`, the benchmark); see `pool`."""
+    return pool(spec, res, split_seed, fractions, evals, near_duplicates).split(split_seed)
+
+
+def _check_splittable(classes: list[str], labels: torch.Tensor, groups: torch.Tensor,
+                      idx: dict[str, torch.Tensor]) -> None:
     """A class with fewer than 3 groups cannot give train, val and test one each, so it is trained on only
     (`train_only` in the manifest); when no class can be split there is nothing to validate or test on."""
     if len(idx["val"]) and len(idx["test"]):
         return
-    sizes = [len(torch.unique(groups[ds.labels == c])) for c in range(len(ds.classes))]
-    small = [f"{ds.classes[c]} ({n})" for c, n in enumerate(sizes) if n < 3]
+    sizes = [len(torch.unique(groups[labels == c])) for c in range(len(classes))]
+    small = [f"{classes[c]} ({n})" for c, n in enumerate(sizes) if n < 3]
     raise UserError(f"too few pictures to split into train, val and test: a class needs 3 groups of pictures "
                     f"(near-duplicates count as one) and {', '.join(small[:5])}{' …' if len(small) > 5 else ''} "
                     "have fewer; add pictures to these classes")

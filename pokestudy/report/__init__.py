@@ -116,11 +116,11 @@ def _data_figures(url: str, study: optuna.Study, manifest: dict, df: pd.DataFram
     """Figures that need the test images and each trial's test predictions: the prediction grid and
     the confusions. They need the data (cache-backed) and the artifact store of the results folder,
     and the same data the study ran on: a changed folder would mislabel every prediction."""
-    from pokestudy.data import prepare
+    from pokestudy.data import pool
 
     try:
-        data = prepare(manifest["data"], manifest["res"], manifest["split_seed"], tuple(manifest["fractions"]),
-                       near_duplicates=manifest["near_duplicates"]["threshold"])  # the test split
+        data = pool(manifest["data"], manifest["res"], manifest["split_seed"], tuple(manifest["fractions"]),
+                    near_duplicates=manifest["near_duplicates"]["threshold"])
     except UserError as e:
         print(f"pokestudy: prediction figures skipped: the study's data is not here ({e})", file=sys.stderr)
         return []
@@ -136,16 +136,17 @@ def _data_figures(url: str, study: optuna.Study, manifest: dict, df: pd.DataFram
         print(f"pokestudy: prediction figures skipped: the trials' predictions are not here "
               f"({type(e).__name__}: {e})", file=sys.stderr)
         return []
-    images, labels = data.sets["test"]
+    tests = {seed: data.split(seed).sets["test"] for seed in df["split_seed"].unique()}  # each replicate's own
     names = tables.factors(df)
-    first = tables.column(names[0])  # one model per level of the first factor, the best on validation
-    best = df.loc[df.groupby(first, observed=True)["val_acc"].idxmax()]
+    first = tables.column(names[0])  # one model per level of the first factor, the best on validation,
+    shown = df[df["split_seed"] == df["split_seed"].min()]  # among the trials of one split: one test set to show
+    best = shown.loc[shown.groupby(first, observed=True)["val_acc"].idxmax()]
     runs = {f"best {names[0]}={r[first]} (val)\n{tables.cell({f: r[tables.column(f)] for f in names})}":
             predictions[r["trial"]] for _, r in best.iterrows()}
-    truth = labels.tolist()
+    images, labels = tests[df["split_seed"].min()]
     pairs: dict[tuple[str, str], int] = {}
-    for pred in predictions:
-        for t, p in zip(truth, pred):
+    for trial, split_seed in zip(df["trial"], df["split_seed"]):
+        for t, p in zip(tests[split_seed][1].tolist(), predictions[trial]):
             if t != p:
                 key = (data.classes[t], data.classes[p])
                 pairs[key] = pairs.get(key, 0) + 1

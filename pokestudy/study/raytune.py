@@ -12,11 +12,14 @@ import signal
 import socket
 import sys
 import threading
+import statistics
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from pokestudy import UserError
-from pokestudy.data import Prepared
+from pokestudy.data import Pool
 from pokestudy.study.spec import Study, Work, condition_id
 from pokestudy.study.store import Store
 from pokestudy.train import Diverged, TrialConfig, run_trial
@@ -40,17 +43,18 @@ def stopping() -> bool:
     return _STOPPING.is_set()
 
 
-def trainable(config: dict, data: Prepared) -> None:
-    """Ray Tune function trainable: one trial, each epoch reported; a divergence is a result, not a crash."""
+def trainable(config: dict, data: Pool) -> None:
+    """Ray Tune function trainable: one trial on its replicate's split, each epoch reported; a divergence
+    is a result, not a crash."""
     import torch
     from ray import tune
 
     torch.set_num_threads(max(1, int(config["cpus"])))
-    cfg = TrialConfig.from_dict(config["work"]["settings"])
+    work = Work(**config["work"])
     try:
-        summary = run_trial(cfg, data, on_epoch=tune.report)
+        summary = run_trial(TrialConfig.from_dict(work.settings), data.split(work.split_seed), on_epoch=tune.report)
     except Diverged as e:
-        tune.report({"diverged": str(e)})
+        tune.report({"diverged": str(e), "val_acc": 0.0})  # ASHA ranks every result on val_acc: the worst
         return
     tune.report({**summary["final"], "summary": summary})
 
@@ -81,7 +85,7 @@ def _clock(seconds: float) -> str:
     return f"{m // 60}:{m % 60:02d}:{s:02d}" if m >= 60 else f"{m:02d}:{s:02d}"
 
 
-def _bridge(owner: dict[str, Store], distributions: dict, tuned: tuple[str, ...], progress: Progress):
+def _bridge(owner: dict[str, Store], distributions: dict, tuned: tuple[str, ...], progress: Progress, clock: Clock):
     """A Ray Tune callback that writes each trial's epochs and outcome to Optuna (driver side).
 
     `owner` maps a trial key to the store that keeps it: the study's own, or while tuning
@@ -99,7 +103,9 @@ def _bridge(owner: dict[str, Store], distributions: dict, tuned: tuple[str, ...]
         def on_trial_result(self, iteration, trials, trial, result, **info):
             key = trial.config["work"]["key"]
             if "summary" in result:
-                owner[key].complete(Work(**trial.config["work"]), result["summary"])
+                work = Work(**trial.config["work"])
+                owner[key].complete(work, result["summary"])
+                clock.record(work.condition, work.budget, result["summary"]["final"]["seconds"])
                 progress.done += 1
                 progress.best = max(progress.best, result["summary"]["best"]["val_acc"])
                 self._show(trials, f"done {key}")
@@ -132,30 +138,68 @@ def _bridge(owner: dict[str, Store], distributions: dict, tuned: tuple[str, ...]
     return Bridge()
 
 
-def asker(slots: list[tuple[dict, Store]], spec: Study, owner: dict[str, Store], cpus: float):
-    """A Ray Tune searcher that asks each condition's Optuna study (TPE) for its next nuisance values."""
-    from optuna.distributions import FloatDistribution
+class Clock:
+    """A run's wall-clock budget: a trial starts only when it can finish by the deadline, judged by the
+    measured wall times of finished trials (its condition's median, else all conditions'), scaled by its
+    budget multiple. With nothing measured yet a trial starts, and is measured."""
+
+    def __init__(self, deadline: float | None = None):
+        self.deadline, self.seconds = deadline, {}
+        self.refused = False  # a trial was not started for lack of time
+
+    def record(self, condition: dict[str, str], budget: float, seconds: float) -> None:
+        self.seconds.setdefault(condition_id(condition), []).append(seconds / budget)
+
+    def fits(self, condition: dict[str, str], budget: float) -> bool:
+        if self.deadline is None:
+            return True
+        times = self.seconds.get(condition_id(condition)) or [t for ts in self.seconds.values() for t in ts]
+        if times and time.time() + statistics.median(times) * budget > self.deadline:
+            self.refused = True
+        return not self.refused
+
+
+@dataclass
+class Slot:
+    """A trial to hand out: its condition and budget (to judge whether it fits in time), and how to make its
+    Work (for a tuning trial that asks Optuna, so it is asked only when it will run)."""
+
+    condition: dict[str, str]
+    budget: float
+    make: Callable[[], Work]
+
+
+def feeder(slots: list[Slot], cpus: float, clock: Clock):
+    """A Ray Tune searcher that hands out the slots in order while the clock allows; the first that does not
+    fit ends the run (the running trials finish)."""
     from ray.tune.search import Searcher
 
-    space = {k: FloatDistribution(r.low, r.high, log=r.log) for k, r in spec.nuisance.params.items()}
-
-    class AskOptuna(Searcher):
+    class Feed(Searcher):
         def suggest(self, trial_id: str):
-            if not slots:
+            if not slots or not clock.fits(slots[0].condition, slots[0].budget):
                 return Searcher.FINISHED
-            condition, store = slots.pop(0)
-            trial = store.study.ask(space)  # the condition's sampler (TPE) proposes the values
-            seed = spec.seeds[0]
-            work = Work(key=f"{condition_id(condition)}/tune={trial.number}", condition=condition, seed=seed,
-                        settings={**spec.settings(condition, seed), **trial.params})
-            store.adopt(work, trial)
-            owner[work.key] = store
-            return {"work": vars(work), "cpus": cpus}
+            return {"work": vars(slots.pop(0).make()), "cpus": cpus}
 
         def on_trial_complete(self, trial_id: str, result=None, error: bool = False):
             pass  # the Bridge callback records outcomes
 
-    return AskOptuna(metric="val_acc", mode="max")
+    return Feed()  # no metric of its own: Tune would then demand one in every result, a divergence's too
+
+
+def tuning_slots(condition: dict[str, str], n: int, spec: Study, store: Store, owner: dict[str, Store]) -> list[Slot]:
+    """`n` tuning trials of a condition: each asks the condition's Optuna sampler (TPE) for its values."""
+    from optuna.distributions import FloatDistribution
+
+    space = {k: FloatDistribution(r.low, r.high, log=r.log) for k, r in spec.nuisance.params.items()}
+
+    def make() -> Work:
+        trial = store.study.ask(space)
+        work = spec.tuning_work(condition, trial.number, trial.params)
+        store.adopt(work, trial)
+        owner[work.key] = store
+        return work
+
+    return [Slot(condition, 1.0, make) for _ in range(n)]
 
 
 def _error_text(trial) -> str:
@@ -182,33 +226,34 @@ def _when_stopping():
 class Driver:
     """Everything one `pokestudy run` needs to hand trials to Ray Tune."""
 
-    def __init__(self, spec: Study, prepared: Prepared, results: Path, address: str | None,
+    def __init__(self, spec: Study, prepared: Pool, results: Path, address: str | None,
                  max_concurrent: int | None, gpus: float | None, verbose: bool):
         self.spec, self.prepared, self.results, self.address = spec, prepared, results, address
         self.max_concurrent, self.verbose = max_concurrent, verbose
         self.gpus = spec.resources.gpus if gpus is None else gpus
 
-    def fit(self, owner: dict[str, Store], progress: Progress, name: str, *, works: list[Work] | None = None,
-            searcher=None, samples: int = 1, distributions: dict | None = None, tuned: tuple[str, ...] = ()) -> None:
+    def fit(self, owner: dict[str, Store], progress: Progress, name: str, slots: list[Slot], clock: Clock, *,
+            tuning: bool = False, distributions: dict | None = None, tuned: tuple[str, ...] = ()) -> None:
+        """Run `slots` in order as the clock allows (`tuning`: a condition's tuning trials, under ASHA
+        when the spec asks for it)."""
         from ray import tune
 
         cpus = self.spec.resources.cpus
         scheduler = None
-        if searcher is not None and self.spec.nuisance.asha_grace:
+        if tuning and self.spec.nuisance.asha_grace:
             # max_t one past the last epoch: ASHA stops a trial *at* max_t, which would cut off its summary.
             scheduler = tune.schedulers.ASHAScheduler(time_attr="epoch", max_t=self._epoch_cap() + 1,
                                                       grace_period=self.spec.nuisance.asha_grace)
-        space = {"work": tune.grid_search([vars(w) for w in works]), "cpus": cpus} if works else {}
         tuner = tune.Tuner(
             tune.with_resources(tune.with_parameters(trainable, data=self.prepared), {"cpu": cpus, "gpu": self.gpus}),
-            param_space=space,
-            tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=samples,
+            tune_config=tune.TuneConfig(search_alg=feeder(slots, cpus, clock), scheduler=scheduler,
+                                        num_samples=len(slots),
                                         metric="val_acc" if scheduler else None, mode="max" if scheduler else None,
                                         max_concurrent_trials=self.max_concurrent, reuse_actors=True,
                                         trial_dirname_creator=lambda t: t.trial_id),
             run_config=tune.RunConfig(
                 name=f"{name}-{int(time.time())}", storage_path=str((self.results / ".ray").resolve()),
-                verbose=2 if self.verbose else 0, callbacks=[_bridge(owner, distributions or {}, tuned, progress)],
+                verbose=2 if self.verbose else 0, callbacks=[_bridge(owner, distributions or {}, tuned, progress, clock)],
                 failure_config=tune.FailureConfig(max_failures=self.spec.resources.retries), stop=_when_stopping()),
         )
         _STOPPING.clear()  # a stop asked of an earlier run in this process (`run_study` called in-process) is spent

@@ -12,39 +12,44 @@ import fcntl
 import hashlib
 import math
 import sys
+import time
 from pathlib import Path
 
 import optuna
 from optuna.trial import TrialState
 
 from pokestudy import UserError
-from pokestudy.data import prepare
+from pokestudy.data import pool
 from pokestudy.study import record as records
-from pokestudy.study.raytune import Driver, Progress, asker, check_address
-from pokestudy.study.spec import Study, condition_id
-from pokestudy.study.store import (Store, TrialFigure, archive, artifact_store, check_writable, find_study,
-                                   finished_keys, grid_distributions, storage as open_storage)
+from pokestudy.study.raytune import Clock, Driver, Progress, Slot, check_address, tuning_slots
+from pokestudy.study.spec import Study, condition_id, sampler_seed, tuning_study
+from pokestudy.study.store import (Store, TrialFigure, archive, artifact_store, check_writable, find_study, finished,
+                                   grid_distributions, storage as open_storage)
 
 
 def run_study(spec: Study, *, storage: str, results: Path, study_name: str, data: str | None = None,
               evals: dict[str, str] | None = None, near_duplicates: int | None = None,
               address: str | None = None, max_concurrent: int | None = None, gpus_per_trial: float | None = None,
-              restart: bool = False, verbose: bool = False, trial_figure: TrialFigure | None = None) -> optuna.Study:
+              restart: bool = False, verbose: bool = False, trial_figure: TrialFigure | None = None,
+              budget: float | None = None) -> optuna.Study:
     """Run every trial of `spec` not yet COMPLETE in the storage; returns the Optuna study to report.
 
     Everything a user can get wrong (flags, results folder, storage URL, data, identity, Ray address, a
     trial larger than any Ray node) is checked before the first write to the storage. `trial_figure`,
-    when given, draws each finished trial for its page in the dashboard.
+    when given, draws each finished trial for its page in the dashboard. `budget` (seconds of wall
+    clock from now) starts no trial that the measured trial times say cannot finish in it; the trials
+    left wait for a rerun.
     """
-    _check_limits(max_concurrent, gpus_per_trial)
+    _check_limits(max_concurrent, gpus_per_trial, budget)
+    clock = Clock(None if budget is None else time.time() + budget)
     check_writable(results)
     open_storage(storage)
     check_address(address)
     lock = _lock(results, f"{storage}|{study_name}")
     try:
-        prepared = prepare(data or spec.data.source, spec.data.res, spec.data.split_seed, spec.data.fractions,
-                           {**spec.data.eval, **(evals or {})},
-                           spec.data.near_duplicates if near_duplicates is None else near_duplicates)
+        prepared = pool(data or spec.data.source, spec.data.res, spec.data.split_seed, spec.data.fractions,
+                        {**spec.data.eval, **(evals or {})},
+                        spec.data.near_duplicates if near_duplicates is None else near_duplicates)
         identity = records.identity(spec, prepared.manifest)
         driver = Driver(spec, prepared, results, address, max_concurrent, gpus_per_trial, verbose)
         if restart:  # everything reruns: Ray (and whether its nodes can hold a trial) is checked before archiving
@@ -61,26 +66,50 @@ def run_study(spec: Study, *, storage: str, results: Path, study_name: str, data
                 spec=spec.model_dump(mode="json"), identity=identity, data=prepared.manifest,
                 provenance=records.provenance(prepared.manifest, spec.resources.cpus, started, driver.cluster()))
 
-        best = _tune_nuisance(driver, storage, study_name, identity, study_record, trial_figure) if tuned else None
+        best = (_tune_nuisance(driver, storage, study_name, identity, study_record, trial_figure, clock)
+                if tuned else None)
         plan = spec.trials(best)
-        done = finished_keys(storage, study_name, identity["digest"])
+        done = finished(storage, study_name, identity["digest"])
         todo = [w for w in plan if w.key not in done]
-        if not todo:
-            print(f"study {study_name} is already finished ({len(plan)} trials); re-exporting its results",
-                  file=sys.stderr)
+        if not todo or clock.refused:
+            if clock.refused:
+                print(f"study {study_name}: budget spent while tuning; rerun with a larger --budget to continue",
+                      file=sys.stderr)
+            else:
+                print(f"study {study_name} is already finished ({len(plan)} trials); re-exporting its results",
+                      file=sys.stderr)
             return stored or optuna.load_study(study_name=study_name, storage=open_storage(storage))
         driver.start_ray()
         store = Store(storage, study_name, study_record(), artifact_store(results), trial_figure=trial_figure)
         stale = store.fail_stale()
         note = f", {stale} interrupted trial(s) will rerun" if stale else ""
         print(f"study {study_name}: {len(plan)} trials, {len(plan) - len(todo)} already done{note}", file=sys.stderr)
+        for r in done.values():
+            clock.record(r.condition, r.budget, r.seconds)
         driver.fit({w.key: store for w in todo}, Progress(len(plan), len(plan) - len(todo)), study_name,
-                   works=todo, distributions=grid_distributions(plan, tuned), tuned=tuned)
-        prov = {**records.StudyRecord.from_study(store.study).provenance, "finished": records.now()}
+                   [Slot(w.condition, w.budget, lambda w=w: w) for w in todo], clock,
+                   distributions=grid_distributions(plan, tuned), tuned=tuned)
+        left = len(plan) - len(finished(storage, study_name, identity["digest"]).keys() & {w.key for w in plan})
+        prov = {**records.StudyRecord.from_study(store.study).provenance,
+                "finished": None if clock.refused else records.now()}
+        prov.pop("budget", None)  # this run's budget, if any, is the one that counts
+        if clock.deadline is not None:
+            prov["budget"] = {"seconds": budget, "spent": clock.refused, "left": left}
+        if clock.refused:
+            print(f"study {study_name}: budget spent after {replicates_done(spec, store.study)} whole replicate(s), "
+                  f"{left} trial(s) left; rerun with a larger --budget to continue", file=sys.stderr)
         store.study.set_user_attr("provenance", prov)
         return store.study
     finally:
         lock.close()
+
+
+def replicates_done(spec: Study, study: optuna.Study) -> int:
+    """How many of the spec's replicates have every condition's trial at the study's budget COMPLETE."""
+    keys = {t.user_attrs.get("key") for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))}
+    cells = [condition_id(c) for c in spec.conditions()]
+    return sum(all(f"{c}/seed={s}" in keys for c in cells) for s in spec.replicate_seeds(spec.adaptive.max
+                                                                                         if spec.adaptive else None))
 
 
 def _check_identity(stored: optuna.Study | None, identity: dict, name: str) -> str:
@@ -100,7 +129,7 @@ def _check_identity(stored: optuna.Study | None, identity: dict, name: str) -> s
 
 
 def _tune_nuisance(driver: Driver, storage: str, study_name: str, identity: dict, study_record,
-                   trial_figure: TrialFigure | None) -> dict[str, dict]:
+                   trial_figure: TrialFigure | None, clock: Clock) -> dict[str, dict]:
     """Stage 1: per condition, `trials` Optuna trials (TPE or random) on validation accuracy.
 
     Each condition has its own Optuna study, `<study>.tune.<condition>`, and its own Tune run, so
@@ -109,7 +138,7 @@ def _tune_nuisance(driver: Driver, storage: str, study_name: str, identity: dict
     the first rung). Returns each condition's best nuisance values for the seeded stage.
     """
     spec = driver.spec
-    names = {condition_id(c): f"{study_name}.tune.{condition_id(c)}" for c in spec.conditions()}
+    names = {condition_id(c): tuning_study(study_name, condition_id(c)) for c in spec.conditions()}
     left: dict[str, int] = {}
     for cid, name in names.items():
         stored = find_study(storage, name)
@@ -126,16 +155,19 @@ def _tune_nuisance(driver: Driver, storage: str, study_name: str, identity: dict
         progress = Progress(total, total - sum(left.values()))
         for index, condition in enumerate(spec.conditions()):
             cid = condition_id(condition)
-            if left[cid] <= 0:
+            if left[cid] <= 0 or clock.refused:
                 continue
-            sampler = (optuna.samplers.TPESampler(n_startup_trials=max(2, spec.nuisance.trials // 2), seed=0)
-                       if spec.nuisance.sampler == "tpe" else optuna.samplers.RandomSampler(seed=0))
+            seed = sampler_seed(cid)
+            sampler = (optuna.samplers.TPESampler(n_startup_trials=max(2, spec.nuisance.trials // 2), seed=seed)
+                       if spec.nuisance.sampler == "tpe" else optuna.samplers.RandomSampler(seed=seed))
             store = Store(storage, names[cid], record, artifact_store(driver.results), sampler=sampler,
                           trial_figure=trial_figure)
             store.fail_stale()
             owner: dict[str, Store] = {}
-            searcher = asker([(condition, store)] * left[cid], spec, owner, spec.resources.cpus)
-            driver.fit(owner, progress, f"{study_name}-tune{index}", searcher=searcher, samples=left[cid])
+            driver.fit(owner, progress, f"{study_name}-tune{index}",
+                       tuning_slots(condition, left[cid], spec, store, owner), clock, tuning=True)
+    if clock.refused:
+        return {}
     best = {}
     for cid, name in names.items():
         study = find_study(storage, name)
@@ -160,9 +192,12 @@ def _lock(results: Path, study_key: str):
     return handle
 
 
-def _check_limits(max_concurrent: int | None, gpus_per_trial: float | None) -> None:
+def _check_limits(max_concurrent: int | None, gpus_per_trial: float | None, budget: float | None) -> None:
     """Ray takes a negative or NaN GPU count and waits forever, and `max_concurrent_trials=0` means no
-    limit: refuse both before anything starts. (A count no node has is refused once Ray runs.)"""
+    limit: refuse both, and a budget that is no time at all, before anything starts. (A count no node has
+    is refused once Ray runs.)"""
+    if budget is not None and not (math.isfinite(budget) and budget > 0):
+        raise UserError(f"--budget {budget:g} s: give a positive duration such as 90s, 45m or 2h")
     if max_concurrent is not None and max_concurrent < 1:
         raise UserError(f"--max-concurrent {max_concurrent}: give 1 or more (at most that many trials at once), "
                         "or leave it out to run as many as fit")

@@ -26,7 +26,7 @@ from optuna.trial import TrialState, create_trial
 
 from pokestudy import UserError
 from pokestudy.study.record import StudyRecord, TrialRecord
-from pokestudy.study.spec import Work
+from pokestudy.study.spec import Work, tuning_study
 
 optuna.logging.set_verbosity(logging.WARNING)
 OBJECTIVE = "val_acc (last epoch)"  # the study's value: validation accuracy of the model as trained
@@ -102,13 +102,13 @@ def open_study(url: str, name: str) -> optuna.Study:
     return study
 
 
-def finished_keys(url: str, name: str, identity: str) -> set[str]:
-    """Keys of the COMPLETE trials of a study that ran under `identity`."""
+def finished(url: str, name: str, identity: str) -> dict[str, TrialRecord]:
+    """The COMPLETE trials of a study that ran under `identity`, by key."""
     study = find_study(url, name)
     if study is None:
-        return set()
+        return {}
     records = [TrialRecord.from_trial(t) for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))]
-    return {r.key for r in records if r.identity == identity}
+    return {r.key: r for r in records if r.identity == identity}
 
 
 def archive(url: str, name: str) -> str | None:
@@ -116,7 +116,7 @@ def archive(url: str, name: str) -> str | None:
     returns the new name, or None when there was nothing to keep."""
     stamp = time.strftime("%Y%m%d-%H%M%S")
     names = [s.study_name for s in optuna.get_all_study_summaries(storage(url), include_best_trial=False)
-             if s.study_name == name or s.study_name.startswith(f"{name}.tune.")]
+             if s.study_name == name or s.study_name.startswith(tuning_study(name, ""))]
     for old in names:
         new = old.replace(name, f"{name}.archived-{stamp}", 1)
         optuna.copy_study(from_study_name=old, from_storage=storage(url), to_storage=storage(url), to_study_name=new)
@@ -178,7 +178,7 @@ class Store:
 
     def _identity(self, work: Work) -> dict:
         """Shown while the trial runs (and kept if it fails): which trial this is."""
-        return {"key": work.key, "identity": self.identity, "seed": work.seed}
+        return {"key": work.key, "identity": self.identity, "seed": work.seed, "split_seed": work.split_seed}
 
     def epoch(self, key: str, record: dict) -> None:
         """Validation accuracy at this epoch. A retried trial (its worker died) repeats epochs; the
@@ -200,7 +200,7 @@ class Store:
             best_epoch=int(summary["best"]["epoch"]),
             seconds=final["seconds"], images_per_s=final["images_per_s"],
             final={k: v for k, v in final.items() if k not in ("epoch", "seconds", "images_per_s", "lr")},
-            history=history)
+            history=history, split_seed=work.split_seed)
         trial_id = self.storage.get_trial_id_from_study_id_trial_number(self.study_id, trial.number)
         self.storage.set_trial_system_attr(trial_id, TrialRecord.ATTR, record.attrs())
         for k, v in record.display().items():
