@@ -51,13 +51,16 @@ def test_the_budget_check_runs_longer_trials_for_the_stated_seeds():
 @pytest.mark.fast
 def test_a_claim_whose_label_changes_at_twice_the_budget_is_budget_dependent(tmp_path: Path):
     raw = {"name": "budgets", "data": DATA, "seeds": [0, 1, 2, 3], "fixed": {"width": 4, "epochs": 5},
-           "factors": {"treatment": {"ref": {}, "early": {"dropout": 0.1}, "robust": {"dropout": 0.2}}},
+           "factors": {"treatment": {"ref": {}, "early": {"dropout": 0.1}, "robust": {"dropout": 0.2},
+                                     "noisy": {"dropout": 0.3}}},
            "budget_check": {"factor": 2, "seeds": 3}}
 
     def outcome(condition: dict, seed: int, budget: float) -> tuple[float, float, int]:
         test = 0.60 + NOISE[seed]
         if condition["treatment"] == "robust" or (condition["treatment"] == "early" and budget == 1):
             test += 0.10  # narrows the gap by 10 points; "early" only while trained for the short budget
+        if condition["treatment"] == "noisy":
+            test += 0.08 if seed % 2 else -0.08  # no effect on average, too noisy for 3 replicates to decide
         return 1.0, test, round(5 * budget)
 
     _store(tmp_path, raw, outcome)
@@ -67,12 +70,15 @@ def test_a_claim_whose_label_changes_at_twice_the_budget_is_budget_dependent(tmp
     assert check.loc["treatment=early vs ref", "budget_check"] == "budget-dependent"
     assert check.loc["treatment=early vs ref", "verdict_at_2x"] != "closes the gap"
     assert check.loc["treatment=robust vs ref", "budget_check"] == "holds"
+    assert check.loc["treatment=noisy vs ref", "budget_check"] == "undecided at both budgets", \
+        "two inconclusive labels are no evidence that the budget was enough"
     assert (check["replicates"] == 3).all(), "both budgets are labelled on the same 3 replicates"
     verdicts = pd.read_csv(tmp_path / "budgets" / "verdicts.csv").set_index("claim")
     assert verdicts.loc["treatment=early vs ref", "verdict"] == "closes the gap", "the study's budget, 4 seeds"
     assert verdicts.loc["treatment=early vs ref", "budget_check"] == "budget-dependent"
     summary = (tmp_path / "budgets" / "summary.md").read_text()
-    assert "1 of 2 claims are **budget-dependent**: treatment=early vs ref (closes the gap →" in summary
+    assert "of 3 claims: 1 holds, 1 budget-dependent, 1 undecided at both budgets. Budget-dependent: treatment=early vs ref (closes the gap →" \
+        in summary
     trials = pd.read_csv(tmp_path / "budgets" / "trials.csv")
     assert sorted(trials["budget"].unique()) == [1, 2] and (trials[trials["budget"] == 2]["epochs"] == 10).all()
 

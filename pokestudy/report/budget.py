@@ -3,7 +3,8 @@
 - The **budget check**: the spec's `budget_check` reruns replicates at k times the budget. Each claim
   is labelled again on those trials and compared with its label at the study's budget *on the same
   replicates*, so a change of label is the budget's doing, not fewer pairs'. A claim whose label
-  changes is *budget-dependent*.
+  changes is *budget-dependent*; one decided alike at both *holds*; one that neither budget decides
+  (every kind of *inconclusive*) is *undecided at both budgets*: the check says nothing about it.
 - The **length check**: where the epochs trained can differ between trials of one condition (an
   adaptive rule, a study whose records mix budgets), whether they predict final test accuracy within
   the condition — the confound that a stall-driven learning-rate rule once created. With the shipped
@@ -21,7 +22,7 @@ from pokestudy.report.tables import ALPHA, column, factors, public
 from pokestudy.report.verdicts import verdicts
 from pokestudy.study.spec import BudgetCheck, ReportSpec
 
-HOLDS, DEPENDENT, UNCHECKED = "holds", "budget-dependent", "not checked"
+HOLDS, DEPENDENT, UNCHECKED, UNDECIDED = "holds", "budget-dependent", "not checked", "undecided at both budgets"
 
 
 def split_budgets(df: pd.DataFrame, check: BudgetCheck | None) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -33,7 +34,8 @@ def split_budgets(df: pd.DataFrame, check: BudgetCheck | None) -> tuple[pd.DataF
 def budget_check(main: pd.DataFrame, longer: pd.DataFrame, report: ReportSpec) -> pd.DataFrame:
     """One row per claim: its label at the study's budget on the trials (condition and seed) that also
     ran longer, its label at the longer budget, both gap differences, and the outcome (holds /
-    budget-dependent; *not checked* where either budget has too few pairs for a label)."""
+    budget-dependent / undecided at both budgets; *not checked* where either budget has too few pairs
+    for a label)."""
     if longer.empty:
         return pd.DataFrame()
     factor = float(longer["budget"].iloc[0])
@@ -44,9 +46,17 @@ def budget_check(main: pd.DataFrame, longer: pd.DataFrame, report: ReportSpec) -
                         "verdict_at_budget": short["verdict"], f"verdict_at_{factor:g}x": long["verdict"],
                         "gap_diff_at_budget": short["gap_diff"], f"gap_diff_at_{factor:g}x": long["gap_diff"]})
     unlabelled = ("inconclusive: not run yet", "inconclusive: fewer than")  # too few pairs to say either way
-    out["budget_check"] = [UNCHECKED if any(x.startswith(unlabelled) for x in (a, b)) else HOLDS if a == b
-                           else DEPENDENT for a, b in zip(out["verdict_at_budget"], out[f"verdict_at_{factor:g}x"])]
+    out["budget_check"] = [_outcome(a, b, unlabelled) for a, b in zip(out["verdict_at_budget"],
+                                                                       out[f"verdict_at_{factor:g}x"])]
     return out
+
+
+def _outcome(short: str, long: str, unlabelled: tuple[str, ...]) -> str:
+    if any(x.startswith(unlabelled) for x in (short, long)):
+        return UNCHECKED
+    if all(x.startswith("inconclusive") for x in (short, long)):
+        return UNDECIDED
+    return HOLDS if short == long else DEPENDENT
 
 
 def pilot_table(pilot: pd.DataFrame) -> pd.DataFrame:
@@ -93,13 +103,16 @@ def sentences(check: BudgetCheck | None, budget: pd.DataFrame, lengths: pd.DataF
         lines.append(f"**Budget check: not run** ({why}): whether more training would change a label is not known.")
     else:
         factor = budget["budget_factor"].iloc[0]
+        outcomes = budget["budget_check"].value_counts()
         dependent = budget[budget["budget_check"] == DEPENDENT]
-        lines.append(f"**Budget check** ({budget['replicates'].iloc[0]} replicates rerun at {factor:g}× the budget; "
-                     "each claim labelled on the same replicates at both budgets): "
-                     + (f"every label held." if dependent.empty else
-                        f"{len(dependent)} of {len(budget)} claims are **budget-dependent**: "
+        counts = ", ".join(f"{outcomes[o]} {o}" for o in (HOLDS, DEPENDENT, UNDECIDED, UNCHECKED) if o in outcomes)
+        lines.append(f"**Budget check** ({budget['replicates'].iloc[0]} replicate(s) rerun at {factor:g}× the budget; "
+                     f"each claim labelled on the same replicates at both budgets), of {len(budget)} claims: {counts}."
+                     + ("" if dependent.empty else " Budget-dependent: "
                         + "; ".join(f"{r['claim']} ({r['verdict_at_budget']} → {r[f'verdict_at_{factor:g}x']})"
-                                    for _, r in dependent.iterrows()) + "."))
+                                    for _, r in dependent.iterrows()) + ".")
+                     + (" *Undecided at both budgets* says nothing either way: neither budget's trials decide it."
+                        if UNDECIDED in outcomes else ""))
     varying = lengths[lengths["epochs"].str.contains("/")]
     if varying.empty:
         lines.append("**Training length** cannot predict a result here: within every condition all trials trained "
