@@ -22,14 +22,14 @@ from typing import Callable, Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from pokestudy import UserError
+from pokestudy import UserError, models
 from pokestudy.data import Prepared, check_res
 from pokestudy.data.augment import POLICIES, copies
-from pokestudy.models import MODELS
 
 Record = dict[str, float]
+MODEL_PREFIX = "model."  # a spec's name for one of the model's own settings: `model.depth`
 
 
 class Diverged(RuntimeError):
@@ -42,7 +42,8 @@ class TrialConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    arch: str = "cnn"
+    arch: str = "cnn"  # a built-in, torchvision:NAME or package.module:function (see `pokestudy.models`)
+    model: dict[str, models.Setting] = {}  # the arch's own settings (`model.NAME` in a spec): its builder's kwargs
     width: int = Field(16, ge=1)
     res: int = 64
     augment: str = "none"
@@ -69,14 +70,42 @@ class TrialConfig(BaseModel):
         except ValidationError as e:
             raise UserError(_one_line(e)) from None
 
-    @field_validator("arch", "augment")
+    @field_validator("arch")
     @classmethod
-    def _known_choice(cls, v: str, info: ValidationInfo) -> str:
-        """A registry name: an arch from MODELS, an augmentation policy from POLICIES."""
-        kind, known = {"arch": ("arch", MODELS), "augment": ("augmentation", POLICIES)}[info.field_name]
-        if v not in known:
-            raise ValueError(f"unknown {kind} {v!r}; choose one of {', '.join(known)}")
+    def _an_arch(cls, v: str) -> str:
+        """One of the registry's forms; whether it builds is `check_model`'s question (it imports user code)."""
+        if not models.known_form(v):
+            raise ValueError(f"unknown arch {v!r}; {models.CHOICES}")
         return v
+
+    @field_validator("augment")
+    @classmethod
+    def _known_policy(cls, v: str) -> str:
+        if v not in POLICIES:
+            raise ValueError(f"unknown augmentation {v!r}; choose one of {', '.join(POLICIES)}")
+        return v
+
+    @model_validator(mode="after")
+    def _settings_reach_the_model(self) -> "TrialConfig":
+        """width and dropout shape the built-ins only, and `model` settings every other arch: refuse a
+        setting the arch would ignore."""
+        if self.arch in models.MODELS and self.model:
+            raise UserError(f"the built-in arch {self.arch} takes no model settings (model.{next(iter(self.model))}); "
+                            "it takes the trial settings width and dropout")
+        ignored = [f"{k}={getattr(self, k)}" for k in ("width", "dropout")
+                   if self.arch not in models.MODELS and getattr(self, k) != type(self).model_fields[k].default]
+        if ignored:
+            raise UserError(f"setting {', '.join(ignored)} shapes only the built-in archs (cnn, resnet); arch "
+                            f"{self.arch} takes its own settings as model.NAME")
+        return self
+
+    def builder_settings(self) -> dict[str, models.Setting]:
+        """The arch's builder's keyword arguments beside num_classes and res."""
+        return {"width": self.width, "dropout": self.dropout} if self.arch in models.MODELS else dict(self.model)
+
+    def check_model(self) -> None:
+        """Build the model once on a zero batch: an arch that cannot be imported or built is one line."""
+        models.check(self.arch, self.res, self.builder_settings())
 
     @field_validator("res")
     @classmethod
@@ -86,7 +115,12 @@ class TrialConfig(BaseModel):
 
     @classmethod
     def from_dict(cls, values: dict) -> "TrialConfig":
-        return cls(**values)
+        """From a spec's settings, where each of the model's own settings is spelled `model.NAME`."""
+        own = {k[len(MODEL_PREFIX):]: v for k, v in values.items() if k.startswith(MODEL_PREFIX)}
+        rest = {k: v for k, v in values.items() if not k.startswith(MODEL_PREFIX)}
+        if own:
+            rest["model"] = {**rest.get("model", {}), **own}
+        return cls(**rest)
 
     def as_dict(self) -> dict:
         return self.model_dump()
@@ -218,7 +252,7 @@ def run_trial(cfg: TrialConfig, data: Prepared, on_epoch: Callable[[Record], Non
     n_train = len(data.sets["train"][1])
     batch = min(cfg.batch_size, n_train)
     steps = cfg.steps_per_epoch or n_train // batch
-    model = MODELS[cfg.arch](len(data.classes), cfg.width, cfg.res, cfg.dropout)
+    model = models.build(cfg.arch, len(data.classes), cfg.res, cfg.builder_settings())
     layout = memory_format(model, device)
     model = model.to(device, memory_format=layout)
     opt = _optimizer(cfg, model)

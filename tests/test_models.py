@@ -1,17 +1,22 @@
-"""Both architectures build from the registry and classify at every resolution the study may use."""
+"""Every kind of arch builds from the one registry and classifies at every resolution a study may use: the
+built-ins, a torchvision model and a model defined in a user's file (`tests/my_models.py`)."""
 
 import pytest
 import torch
 
-from pokestudy.models import MODELS
+from pokestudy.models import MODELS, build, check
 
 pytestmark = pytest.mark.fast  # the edit-test loop: `pytest -m fast`
 
+ARCHS = [*sorted(MODELS), "torchvision:mobilenet_v3_small", "tests.my_models:tiny"]
 
-@pytest.mark.parametrize("arch", sorted(MODELS))
+
+@pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("res", [32, 64, 96, 224])
 def test_output_shape(arch: str, res: int):
-    model = MODELS[arch](num_classes=7, width=4, res=res, dropout=0.2).eval()
+    settings = {"width": 4, "dropout": 0.2} if arch in MODELS else {}
+    check(arch, res, settings)  # what a spec's load runs: build once, a zero batch in train and eval mode
+    model = build(arch, 7, res, settings).eval()
     with torch.no_grad():
         assert model(torch.randn(2, 3, res, res)).shape == (2, 7)
 

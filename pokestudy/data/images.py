@@ -74,11 +74,15 @@ def open_raster(data: bytes) -> Image.Image:
 
 
 def decode_file(data: bytes, res: int) -> tuple[np.ndarray, np.ndarray, tuple[np.ndarray, np.ndarray]]:
-    """The squared image, the perceptual hash and the local features (`near.features`) of the picture as
-    decoded: both hashes need the picture before it is squared and shrunk."""
+    """`decode` of the picture a file holds."""
+    return decode(open_raster(data), res)
+
+
+def decode(img: Image.Image, res: int) -> tuple[np.ndarray, np.ndarray, tuple[np.ndarray, np.ndarray]]:
+    """The squared image, the perceptual hash and the local features (`near.features`) of a picture: both
+    hashes need the picture before it is squared and shrunk."""
     from pokestudy.data import near
 
-    img = open_raster(data)
     return to_square(img, res), perceptual_hash(img), near.features(on_white(img))
 
 

@@ -1,4 +1,4 @@
-"""Where images come from: a user's ImageFolder, the pokeapi sprites package, or synthetic data.
+"""Where images come from: a user's ImageFolder, a user's function, the pokeapi sprites package, or synthetic data.
 
 A source knows how to fingerprint its inputs (so the cache can tell when they change) and
 how to decode them into a `Raw` collection. Everything after that is shared.
@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import inspect
+import json
 import os
 import shutil
 import subprocess
@@ -17,11 +18,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image
 
 from pokestudy import UserError
-from pokestudy.data.images import Undecodable, decode_file, gif_frames, perceptual_hash, rasterize_svg
+from pokestudy.data.images import Undecodable, decode, decode_file, gif_frames, perceptual_hash, rasterize_svg
 from pokestudy.data.pokedex import GEN1
+from pokestudy.imports import is_path, resolve
 
 
 @dataclass
@@ -79,8 +82,8 @@ class Folder:
     def __init__(self, path: str):
         self.path = Path(path).expanduser().resolve()
         if not self.path.is_dir():
-            raise UserError(f"data path {path} does not exist or is not a folder; "
-                            "pass --data sprites, --data synthetic or a folder with one sub-folder per class")
+            raise UserError(f"data path {path} does not exist or is not a folder; pass --data sprites, --data "
+                            "synthetic, package.module:function or a folder with one sub-folder per class")
         self.class_dirs = sorted(p for p in self.path.iterdir() if p.is_dir() and not p.name.startswith("."))
         if not self.class_dirs:
             raise UserError(f"data folder {path} has no class sub-folders; "
@@ -227,12 +230,126 @@ class Synthetic:
         return raw
 
 
-def parse(spec: str) -> Folder | Sprites | Synthetic:
-    """`sprites[:frames=8,classes=151]`, `synthetic[:classes=10,per_class=24,size=32]`, or a folder path."""
+IMAGES = "uint8 N×3×H×W or N×H×W×3 (NumPy or torch), or a list of PIL images"
+RETURNS = "(images, labels, classes) or (images, labels, classes, groups)"
+
+
+@dataclass
+class Returned:
+    """What a data function returned, checked: images as N×H×W×3 uint8 or PIL images, one label and one
+    group per image, and a digest of each image's pixels."""
+
+    images: np.ndarray | list[Image.Image]
+    labels: list[int]
+    classes: list[str]
+    groups: list[str]
+    digests: list[str]
+
+    def fingerprint(self) -> str:
+        """A hash of everything returned: the cache is rebuilt, and a stored study refused, when it changes."""
+        content = json.dumps([self.classes, self.labels, self.groups, self.digests]).encode()
+        return hashlib.sha256(content).hexdigest()
+
+
+class Function:
+    """`package.module:function` in the user's code, called with no arguments, returning the images in
+    memory: `(images, labels, classes)` or `(images, labels, classes, groups)`. Images are uint8 N×3×H×W
+    or N×H×W×3 (NumPy or torch) or a list of PIL images of any size; labels are N integers indexing
+    `classes` (the class names); groups are N ids, images of one group never straddling a split (default:
+    one group per image). From there on they are decoded like a folder's files: squared at the study's
+    resolution, exact copies dropped, near-duplicates grouped."""
+
+    kind = "function"
+    near_duplicates = Folder.near_duplicates  # the user's own pictures: look for copies as in a folder
+
+    def __init__(self, path: str):
+        self.path, self.fn = path, resolve(path, "data")
+        self._returned: Returned | None = None
+
+    def returned(self) -> Returned:
+        """The function's result, checked; called once per source."""
+        if self._returned is None:
+            try:
+                out = self.fn()
+            except Exception as e:  # noqa: BLE001 — whatever the user's function raises, one line
+                first = (str(e).strip().splitlines() or [""])[0]
+                raise UserError(f"data {self.path} raised {type(e).__name__}: {first}") from None
+            self._returned = _checked(self.path, out)
+        return self._returned
+
+    def describe(self) -> dict:
+        return {"source": "function", "function": self.path, "fingerprint": self.returned().fingerprint()}
+
+    def load(self, res: int) -> Raw:
+        got = self.returned()
+        raw = Raw(classes=got.classes)
+        for i, (label, group, digest) in enumerate(zip(got.labels, got.groups, got.digests)):
+            if i % 100 == 0:
+                progress(f"decoding {self.path}: {i:,} of {len(got.labels):,} images")
+            img = got.images[i]
+            image, phash, features = decode(Image.fromarray(img) if isinstance(img, np.ndarray) else img, res)
+            raw.add(image, label, group=group, digest=digest, path=f"{self.path}[{i}]", phash=phash,
+                    features=features)
+        return raw
+
+
+def _checked(path: str, out: object) -> Returned:
+    """A data function's result as a `Returned`, or one line naming what was expected."""
+    if not isinstance(out, (tuple, list)) or len(out) not in (3, 4):
+        raise UserError(f"data {path} returned {type(out).__name__}; expected a tuple {RETURNS}")
+    images, labels, classes, groups = (*out, None) if len(out) == 3 else out
+    images = _images(path, images)
+    n = len(images)
+    if not (isinstance(classes, (list, tuple)) and len(classes) >= 2 and all(isinstance(c, str) for c in classes)
+            and len(set(classes)) == len(classes)):
+        raise UserError(f"data {path} returned classes as {_short(classes)}; "
+                        "expected a list of 2 or more distinct names")
+    labels = np.asarray(labels)
+    if labels.shape != (n,) or not np.issubdtype(labels.dtype, np.integer) or n == 0 \
+            or labels.min() < 0 or labels.max() >= len(classes):
+        raise UserError(f"data {path} returned labels of shape {labels.shape} and dtype {labels.dtype} for {n} "
+                        f"images; expected {n} integers from 0 to {len(classes) - 1} (an index into the classes)")
+    empty = [c for k, c in enumerate(classes) if k not in set(labels.tolist())]
+    if empty:
+        raise UserError(f"data {path}: class(es) {', '.join(empty[:5])} have no image; drop them from the classes")
+    groups = list(range(n)) if groups is None else np.asarray(groups).tolist()
+    if len(groups) != n:
+        raise UserError(f"data {path} returned {len(groups)} groups for {n} images; expected one group id per image")
+    digests = [_digest(img) for img in images]
+    return Returned(images, labels.tolist(), list(classes), [str(g) for g in groups], digests)
+
+
+def _images(path: str, images: object) -> np.ndarray | list[Image.Image]:
+    """N×H×W×3 uint8, or a list of PIL images."""
+    if isinstance(images, torch.Tensor):
+        images = images.detach().cpu().numpy()
+    if isinstance(images, np.ndarray):
+        if images.dtype != np.uint8 or images.ndim != 4 or 3 not in (images.shape[1], images.shape[3]):
+            raise UserError(f"data {path} returned images of shape {images.shape} and dtype {images.dtype}; "
+                            f"expected {IMAGES}")
+        return np.ascontiguousarray(images if images.shape[3] == 3 else images.transpose(0, 2, 3, 1))
+    if isinstance(images, (list, tuple)) and images and all(isinstance(i, Image.Image) for i in images):
+        return list(images)
+    raise UserError(f"data {path} returned images as {_short(images)}; expected {IMAGES}")
+
+
+def _digest(img: np.ndarray | Image.Image) -> str:
+    pixels = img if isinstance(img, np.ndarray) else np.asarray(img)
+    return hashlib.sha256(repr(pixels.shape).encode() + pixels.tobytes()).hexdigest()
+
+
+def _short(value: object) -> str:
+    """A returned value, named briefly: its type, and its length where it has one."""
+    return f"a {type(value).__name__}" + (f" of {len(value)}" if hasattr(value, "__len__") else "")
+
+
+def parse(spec: str) -> Folder | Sprites | Synthetic | Function:
+    """`sprites[:frames=8,classes=151]`, `synthetic[:classes=10,per_class=24,size=32]`, `package.module:function`
+    or a folder path (a folder of that name wins)."""
     name, _, options = spec.partition(":")
     builders = {"sprites": Sprites, "synthetic": Synthetic}
     if name not in builders:
-        return Folder(spec)
+        return Function(spec) if is_path(spec) and not Path(spec).expanduser().exists() else Folder(spec)
     kwargs = {}
     for item in filter(None, options.split(",")):
         key, _, value = item.partition("=")

@@ -1,0 +1,61 @@
+"""User code a spec names as `package.module:function` (an arch, a data source): found and imported here.
+
+A spec that names such a path runs that code, as any Python configuration does: import it only from specs
+you trust. `pokestudy run` says which modules a spec imports (`notice`) before the study starts.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import re
+import sys
+from typing import TYPE_CHECKING, Callable
+
+from pokestudy import UserError
+
+if TYPE_CHECKING:
+    from pokestudy.study.spec import Study
+
+PATH = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*")
+OWN = {"pokestudy", "torch", "torchvision"}  # what pokestudy imports anyway: not user code
+
+
+def is_path(text: str) -> bool:
+    """Whether `text` has the form `package.module:function` (names only: no path separators, no options)."""
+    return PATH.fullmatch(text) is not None
+
+
+def resolve(path: str, what: str) -> Callable:
+    """The callable at `package.module:function`, importable from the current directory or the installed
+    packages (Ray adds the driver's current directory to its workers' path too); `what` names the use
+    (`arch`, `data`) in the one-line error."""
+    module_name, _, name = path.partition(":")
+    if os.getcwd() not in sys.path:
+        sys.path.append(os.getcwd())  # after the installed packages: a local file never shadows one of them
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as e:  # noqa: BLE001 — any failure of the user's module is a one-line error
+        raise UserError(f"{what} {path}: cannot import {module_name} ({type(e).__name__}: {e}); "
+                        "it must be importable from the current directory or an installed package") from None
+    fn = getattr(module, name, None)
+    if not callable(fn):
+        raise UserError(f"{what} {path}: module {module_name} has no function {name}")
+    return fn
+
+
+def modules(study: Study, data: str | None = None) -> list[str]:
+    """The modules outside pokestudy, torch and torchvision that `study` imports (its archs and its data
+    source, or `data` where it overrides the spec's), in the order they appear."""
+    archs = [str(study.settings(c).get("arch", "")) for c in study.conditions()]
+    named = [p.partition(":")[0] for p in [*archs, data or study.data.source] if is_path(p)]
+    return list(dict.fromkeys(m for m in named if m.split(".")[0] not in OWN))
+
+
+def notice(study: Study, data: str | None = None) -> str | None:
+    """The line `pokestudy run` prints before a study that imports user code; None when it imports none."""
+    found = modules(study, data)
+    if not found:
+        return None
+    return (f"study {study.name} runs code from {', '.join(found)} "
+            "(a spec runs the code it names: run only specs you trust)")
