@@ -112,3 +112,23 @@ def test_tuning_trials_use_seeds_no_replicate_uses_and_each_condition_its_own_sa
         assert seeds and not seeds & {0, 1}, "no replicate is a tuning trial graded again"
         first[augment] = tuning.trials[0].params["lr"]
     assert first["none"] != first["paper"], "each condition's sampler starts from its own random point"
+
+
+def test_an_adaptive_study_runs_its_pilot_then_the_replicates_its_variance_asks_for(tmp_path: Path, ray_local):
+    from pokestudy.report import power, tables, verdicts
+
+    path = write_spec(tmp_path, name="adaptive", seeds=[], replicates={"min": 3, "max": 4},
+                      factors={"arch": ["cnn"], "augment": ["none", "paper"]},
+                      fixed={"width": 4, "epochs": 1, "batch_size": 16})
+    study = spec.load(str(path))
+    url = f"sqlite:///{tmp_path / 'db.sqlite'}"
+    stored = runner.run_study(study, storage=url, results=tmp_path, study_name="adaptive")
+    df = tables.read(stored).frame
+    pilot = df[df["seed"] < 3]
+    wanted = power.plan(verdicts.analyse(pilot, study.report).differences.values(), study.report.delta / 100,
+                        verdicts.analyse(pilot, study.report).size, 4)
+    assert wanted == 4, "one epoch of a tiny model is far too noisy for 3 replicates to decide ±2 points"
+    assert sorted(df["seed"].unique()) == list(range(wanted)) and stored.user_attrs["replicates_planned"] == wanted
+    assert len(df) == 2 * wanted, "whole replicates: every condition of each"
+    again = runner.run_study(study, storage=url, results=tmp_path, study_name="adaptive")  # planned again alike
+    assert len(again.get_trials(states=(TrialState.COMPLETE,))) == 2 * wanted

@@ -37,7 +37,7 @@ def build(url: str, name: str, results: Path, formats: tuple[str, ...], generato
     trials = replace(everything, frame=df)
     spec, classes = trials.spec, trials.record.data["classes"]
     table = tables.gap_table(df)
-    analysis = verdicts.analyse(df, spec.report)
+    analysis = verdicts.analyse(df, spec.report, pilot_n=spec.adaptive.min if spec.adaptive else None)
     claims = analysis.verdicts
     checked = budget.budget_check(df, longer, spec.report)
     if not checked.empty:

@@ -22,9 +22,10 @@ from pokestudy import UserError
 from pokestudy.data import pool
 from pokestudy.study import record as records
 from pokestudy.study.raytune import Clock, Driver, Progress, Slot, check_address, tuning_slots
-from pokestudy.study.spec import Study, condition_id, sampler_seed, tuning_study
+from pokestudy.study.spec import Study, Work, condition_id, sampler_seed, tuning_study
 from pokestudy.study.store import (Store, TrialFigure, archive, artifact_store, check_writable, find_study, finished,
                                    grid_distributions, storage as open_storage)
+from pokestudy.train import default_precision
 
 
 def run_study(spec: Study, *, storage: str, results: Path, study_name: str, data: str | None = None,
@@ -50,6 +51,7 @@ def run_study(spec: Study, *, storage: str, results: Path, study_name: str, data
         prepared = pool(data or spec.data.source, spec.data.res, spec.data.split_seed, spec.data.fractions,
                         {**spec.data.eval, **(evals or {})},
                         spec.data.near_duplicates if near_duplicates is None else near_duplicates)
+        spec = spec.with_precision(_created_precision(spec, storage, study_name, restart, gpus_per_trial))
         identity = records.identity(spec, prepared.manifest)
         driver = Driver(spec, prepared, results, address, max_concurrent, gpus_per_trial, verbose)
         if restart:  # everything reruns: Ray (and whether its nodes can hold a trial) is checked before archiving
@@ -64,14 +66,15 @@ def run_study(spec: Study, *, storage: str, results: Path, study_name: str, data
             """Made when the first write is due, once Ray runs (its cluster is part of the provenance)."""
             return records.StudyRecord(
                 spec=spec.model_dump(mode="json"), identity=identity, data=prepared.manifest,
-                provenance=records.provenance(prepared.manifest, spec.resources.cpus, started, driver.cluster()))
+                provenance=records.provenance(prepared.manifest, spec.resources.cpus, started, driver.cluster(),
+                                              records.precisions(spec)))
 
         best = (_tune_nuisance(driver, storage, study_name, identity, study_record, trial_figure, clock)
                 if tuned else None)
-        plan = spec.trials(best)
+        plan, final = _stage(spec, best, storage, study_name, identity["digest"])
         done = finished(storage, study_name, identity["digest"])
         todo = [w for w in plan if w.key not in done]
-        if not todo or clock.refused:
+        if (not todo and final) or clock.refused:
             if clock.refused:
                 print(f"study {study_name}: budget spent while tuning; rerun with a larger --budget to continue",
                       file=sys.stderr)
@@ -83,12 +86,23 @@ def run_study(spec: Study, *, storage: str, results: Path, study_name: str, data
         store = Store(storage, study_name, study_record(), artifact_store(results), trial_figure=trial_figure)
         stale = store.fail_stale()
         note = f", {stale} interrupted trial(s) will rerun" if stale else ""
-        print(f"study {study_name}: {len(plan)} trials, {len(plan) - len(todo)} already done{note}", file=sys.stderr)
+        pilot = "" if final else f" (the first {spec.adaptive.min} replicates: the pilot that plans the rest)"
+        print(f"study {study_name}: {len(plan)} trials{pilot}, {len(plan) - len(todo)} already done{note}",
+              file=sys.stderr)
         for r in done.values():
             clock.record(r.condition, r.budget, r.seconds)
-        driver.fit({w.key: store for w in todo}, Progress(len(plan), len(plan) - len(todo)), study_name,
-                   [Slot(w.condition, w.budget, lambda w=w: w) for w in todo], clock,
-                   distributions=grid_distributions(plan, tuned), tuned=tuned)
+        while todo:
+            driver.fit({w.key: store for w in todo}, Progress(len(plan), len(plan) - len(todo)), study_name,
+                       [Slot(w.condition, w.budget, lambda w=w: w) for w in todo], clock,
+                       distributions=grid_distributions(spec.trials(best, spec.adaptive.max if spec.adaptive
+                                                                     else None), tuned), tuned=tuned)
+            if final or clock.refused:
+                break
+            plan, final = _stage(spec, best, storage, study_name, identity["digest"])
+            todo = [w for w in plan if w.key not in finished(storage, study_name, identity["digest"])]
+            store.study.set_user_attr("replicates_planned", len({w.seed for w in plan}))
+            print(f"study {study_name}: the pilot's variance asks for {len({w.seed for w in plan})} replicates in "
+                  f"all (at most {spec.adaptive.max}); {len(todo)} more trials", file=sys.stderr)
         left = len(plan) - len(finished(storage, study_name, identity["digest"]).keys() & {w.key for w in plan})
         prov = {**records.StudyRecord.from_study(store.study).provenance,
                 "finished": None if clock.refused else records.now()}
@@ -102,6 +116,29 @@ def run_study(spec: Study, *, storage: str, results: Path, study_name: str, data
         return store.study
     finally:
         lock.close()
+
+
+def _stage(spec: Study, best: dict | None, storage: str, study_name: str,
+           identity: str) -> tuple[list[Work], bool]:
+    """The trials to run now, and whether they are all the study will run. An adaptive study runs its
+    pilot (its first `min` replicates, without the budget check) first; once the pilot is done, every
+    replicate its variance asks for (`report.power.plan`: Stein's second stage), and the budget check."""
+    if not spec.adaptive:
+        return spec.trials(best), True
+    pilot = [w for w in spec.trials(best) if w.budget == 1]
+    if not {w.key for w in pilot} <= finished(storage, study_name, identity).keys():
+        return pilot, False
+    return spec.trials(best, _planned(spec, find_study(storage, study_name))), True
+
+
+def _planned(spec: Study, study: optuna.Study) -> int:
+    """Stein's second stage: the replicates in all, from the pilot's per-replicate claim differences only."""
+    from pokestudy.report import power, tables, verdicts
+
+    df = tables.read(study).frame
+    pilot = df[(df["budget"] == 1) & df["seed"].isin(spec.replicate_seeds())]
+    analysis = verdicts.analyse(pilot, spec.report)
+    return power.plan(analysis.differences.values(), spec.report.delta / 100, analysis.size, spec.adaptive.max)
 
 
 def replicates_done(spec: Study, study: optuna.Study) -> int:
@@ -126,6 +163,17 @@ def _check_identity(stored: optuna.Study | None, identity: dict, name: str) -> s
         raise UserError(f"study {name!r} in this storage is a different experiment ({diff}); use --study-name NEW "
                         f"to keep both, or --restart to archive the stored one as {name}.archived-… and start over")
     return old.provenance["started"]
+
+
+def _created_precision(spec: Study, storage: str, name: str, restart: bool, gpus: float | None) -> str:
+    """What `precision: auto` is for this run: what the stored study (or its tuning stage) was created with
+    (fp32 when its spec names none), else, for a new study or a restart, the default of the trials' device."""
+    names = [name, *(tuning_study(name, condition_id(c)) for c in spec.conditions() if spec.nuisance)]
+    for stored in (find_study(storage, n) for n in ([] if restart else names)):
+        if stored is not None and "spec" in stored.user_attrs:
+            return stored.user_attrs["spec"].get("fixed", {}).get("precision", "fp32")
+    trial_gpus = spec.resources.gpus if gpus is None else gpus
+    return default_precision("cuda" if trial_gpus else "cpu")
 
 
 def _tune_nuisance(driver: Driver, storage: str, study_name: str, identity: dict, study_record,

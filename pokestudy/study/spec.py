@@ -1,7 +1,7 @@
 """Study specs: plain YAML validated into typed models, expanded into a list of trials.
 
 A spec names the data, the scientific factors (a full grid), the nuisance parameters (fixed
-here, or tuned per condition), the fixed settings, the seeds and the resources per trial.
+here, or tuned per condition), the fixed settings, the replicates and the resources per trial.
 Every condition's settings are checked against `TrialConfig` at load time, so a typo fails
 before Ray starts.
 """
@@ -11,20 +11,21 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from pokestudy import UserError
 from pokestudy.data import MAX_RES, MIN_RES
-from pokestudy.train import TrialConfig
+from pokestudy.train import MODEL_PREFIX, TrialConfig
 
 STUDIES = resources.files("pokestudy") / "studies"  # shipped inside the package: works after `pip install .`
 SETTINGS = set(TrialConfig.model_fields) - {"seed", "device", "res"}
+TUNING_SEEDS = 10_000  # tuning trials' seeds start here; replicates' stay below
 Scalar = str | int | float | bool
 
 
@@ -35,7 +36,11 @@ class Strict(BaseModel):
 class DataSpec(Strict):
     source: str = "sprites"
     res: int = Field(64, ge=MIN_RES, le=MAX_RES)
-    split_seed: int = 0
+    # resample: replicate r splits with seed split_seed + r, so the claims average over splits too (which images
+    # are held out moves a test accuracy more than the initialisation does); fixed: every trial splits with
+    # split_seed (a given test set). Trials of one replicate share its split either way, so pairs stay paired.
+    split: Literal["resample", "fixed"] = "resample"
+    split_seed: int = Field(0, ge=0)
     fractions: tuple[float, float, float] = (0.7, 0.15, 0.15)
     eval: dict[str, str] = {}  # outside evaluation sets: {name: folder in the ImageFolder layout}
     # images whose perceptual hashes differ in at most BITS of 64 share a group (never straddle a split), and
@@ -80,7 +85,9 @@ class Range(Strict):
 
 
 class Nuisance(Strict):
-    """Settings tuned per condition on validation accuracy, before the seeds are run."""
+    """Settings tuned per condition on validation accuracy, before the replicates are run. Tuning trials
+    train with seeds of their own (`TUNING_SEEDS` on), on the base split, so no replicate is a tuning trial
+    graded again; each condition's sampler has a seed derived from the condition (`sampler_seed`)."""
 
     params: dict[str, Range] = Field(min_length=1)
     trials: int = Field(8, ge=1)  # per condition
@@ -102,6 +109,20 @@ class Contrast(Strict):
     factor: str
     level: str
     reference: str
+
+
+class Adaptive(Strict):
+    """Replicates added where they decide claims: `min` first, then as many more, up to `max`, as the
+    claims' variance in those first ones asks for (Stein's two-stage rule, `report.power.plan`)."""
+
+    min: int = Field(3, ge=2)
+    max: int = Field(ge=2)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> "Adaptive":
+        if self.max < self.min:
+            raise ValueError(f"max ({self.max}) is below min ({self.min})")
+        return self
 
 
 class BudgetCheck(Strict):
@@ -134,7 +155,11 @@ class Study(Strict):
     factors: dict[str, list[Scalar] | dict[str, dict[str, Scalar]]]
     fixed: dict[str, Scalar] = {}
     nuisance: Nuisance | None = None
-    seeds: list[int] = Field(min_length=1)
+    # the replicates: `replicates: N` (numbered 0..N-1), `replicates: {min, max}` (adaptive), or `seeds: [..]`
+    # (the numbers themselves). A replicate's number seeds its initialisation, batch order and augmentation
+    # draws, and, with `data.split: resample`, its split.
+    replicates: int | Adaptive | None = None
+    seeds: list[Annotated[int, Field(ge=0, lt=TUNING_SEEDS)]] = []
     budget_check: BudgetCheck | None = None
     resources: Resources = Resources()
     report: ReportSpec = ReportSpec()
@@ -147,25 +172,32 @@ class Study(Strict):
         for name, levels in v.items():
             if not levels:
                 raise ValueError(f"factor {name!r} has no levels")
-            if isinstance(levels, list) and name not in SETTINGS:
+            if isinstance(levels, list) and _unknown([name]):
                 raise ValueError(f"factor {name!r} given as a list must be a trial setting "
-                                 f"({', '.join(sorted(SETTINGS))}); "
+                                 f"({', '.join(sorted(SETTINGS))}) or a model's own (model.NAME); "
                                  "otherwise give named bundles of settings")
         return v
 
     @model_validator(mode="after")
     def _conditions_valid(self) -> "Study":
-        unknown = set(self.fixed) - SETTINGS
-        if unknown:
-            raise ValueError(f"unknown fixed setting(s) {', '.join(sorted(unknown))}; "
-                             f"known: {', '.join(sorted(SETTINGS))}")
+        if (self.replicates is None) == (not self.seeds):
+            raise ValueError("give the replicates once: `replicates: 3`, `replicates: {min: 3, max: 10}` "
+                             "or `seeds: [0, 1, 2]`")
+        if isinstance(self.replicates, int) and not 1 <= self.replicates <= TUNING_SEEDS:
+            raise ValueError(f"replicates: give 1 to {TUNING_SEEDS}")
+        if isinstance(self.replicates, Adaptive) and self.replicates.max > TUNING_SEEDS:
+            raise ValueError(f"replicates.max: at most {TUNING_SEEDS}")
+        if unknown := _unknown(self.fixed):
+            raise ValueError(f"unknown fixed setting(s) {', '.join(unknown)}; "
+                             f"known: {', '.join(sorted(SETTINGS))} and the model's own, model.NAME")
         tuned = set(self.nuisance.params) if self.nuisance else set()
-        if tuned - SETTINGS:
-            raise ValueError(f"unknown nuisance parameter(s) {', '.join(sorted(tuned - SETTINGS))}")
+        if _unknown(tuned):
+            raise ValueError(f"unknown nuisance parameter(s) {', '.join(_unknown(tuned))}")
         if tuned & set(self.fixed):
             raise ValueError(f"{', '.join(sorted(tuned & set(self.fixed)))} is both fixed and tuned; keep one")
-        for cond in self.conditions():
-            TrialConfig.from_dict(self.settings(cond))
+        concrete = self.with_precision("fp32")  # `precision: auto` is resolved when the study is created
+        for cond in concrete.conditions():
+            TrialConfig.from_dict(concrete.settings(cond))
         levels = self.levels()
         for c in self.report.contrasts:
             if c.factor not in levels or {c.level, c.reference} - set(levels[c.factor]):
@@ -174,6 +206,14 @@ class Study(Strict):
         for pair in self.report.interactions:
             if set(pair) - set(levels) or pair[0] == pair[1]:
                 raise ValueError(f"report interaction {' x '.join(pair)} needs two different factors of this study")
+        return self
+
+    def check_models(self) -> "Study":
+        """Build each condition's model once on a zero batch (`TrialConfig.check_model`): done when a spec is
+        loaded, not when a stored one is read back for a report, which should not need the user's code."""
+        concrete = self.with_precision("fp32")
+        for cond in concrete.conditions():
+            TrialConfig.from_dict(concrete.settings(cond)).check_model()
         return self
 
     def levels(self) -> dict[str, list[str]]:
@@ -195,34 +235,75 @@ class Study(Strict):
                 out[factor] = next(v for v in levels if str(v) == level)
         return out
 
-    def trials(self, tuned: dict[str, dict[str, Any]] | None = None) -> list["Work"]:
-        """The seeded trials, then those of the budget check; `tuned` maps a condition id to its chosen
-        nuisance values."""
+    @property
+    def adaptive(self) -> Adaptive | None:
+        return self.replicates if isinstance(self.replicates, Adaptive) else None
+
+    def replicate_seeds(self, planned: int | None = None) -> list[int]:
+        """The replicates to run: the spec's, or for an adaptive study the first `planned` (default: `min`)."""
+        if self.seeds:
+            return list(self.seeds)
+        if self.adaptive:
+            return list(range(min(planned or self.adaptive.min, self.adaptive.max)))
+        return list(range(self.replicates))
+
+    def split_seed(self, seed: int) -> int:
+        """The split a replicate trains on."""
+        return self.data.split_seed + seed if self.data.split == "resample" else self.data.split_seed
+
+    def work(self, condition: dict[str, str], seed: int, key: str, extra: dict[str, Any] | None = None,
+             budget: float = 1.0) -> "Work":
+        """One trial of `condition` with `seed` on its replicate's split; `extra` settings override."""
+        return Work(key=key, condition=condition, seed=seed, split_seed=self.split_seed(seed),
+                    settings={**self.settings(condition, seed), **(extra or {})}, budget=budget)
+
+    def trials(self, tuned: dict[str, dict[str, Any]] | None = None, planned: int | None = None) -> list["Work"]:
+        """The replicates' trials, replicate by replicate (a run cut short by its budget leaves whole ones),
+        then those of the budget check; `tuned` maps a condition id to its chosen nuisance values, `planned`
+        is how many replicates an adaptive study runs (`replicate_seeds`)."""
         tuned = tuned or {}
-        out = []
-        for c in self.conditions():
-            for s in self.seeds:
-                out.append(Work(key=f"{condition_id(c)}/seed={s}", condition=c, seed=s,
-                                settings={**self.settings(c, s), **tuned.get(condition_id(c), {})}))
+        seeds = self.replicate_seeds(planned)
+        out = [self.work(c, s, f"{condition_id(c)}/seed={s}", tuned.get(condition_id(c)))
+               for s in seeds for c in self.conditions()]
         check = self.budget_check
         levels = self.levels()
 
         def order(w: Work) -> tuple[int, ...]:
             """Seed by seed, the first factor varying fastest: a check cut short by time still pairs
             conditions on every factor."""
-            return (self.seeds.index(w.seed), *[levels[f].index(w.condition[f]) for f in reversed(list(levels))])
+            return (seeds.index(w.seed), *[levels[f].index(w.condition[f]) for f in reversed(list(levels))])
 
         for base in (sorted(out, key=order) if check else []):
-            if base.seed in self.seeds[:check.seeds]:
+            if base.seed in seeds[:check.seeds]:
                 epochs = round(TrialConfig.from_dict(base.settings).epochs * check.factor)
-                out.append(Work(key=f"{base.key}/budget={check.factor:g}x", condition=base.condition, seed=base.seed,
-                                settings={**base.settings, "epochs": epochs}, budget=check.factor))
+                out.append(replace(base, key=f"{base.key}/budget={check.factor:g}x", budget=check.factor,
+                                   settings={**base.settings, "epochs": epochs}))
         return out
+
+    def tuning_work(self, condition: dict[str, str], number: int, params: dict[str, Any]) -> "Work":
+        """Tuning trial `number` of a condition: a seed no replicate uses, on the base split."""
+        return Work(key=f"{condition_id(condition)}/tune={number}", condition=condition, seed=TUNING_SEEDS + number,
+                    split_seed=self.data.split_seed,
+                    settings={**self.settings(condition, TUNING_SEEDS + number), **params})
 
     def design(self) -> dict[str, Any]:
         """The part of the spec that trial results depend on. Seeds may grow or shrink (each trial
         carries its own), and the question, resources and analysis do not change a trial's result."""
         return self.model_dump(mode="json", include={"factors", "fixed", "nuisance"})
+
+    def with_precision(self, chosen: str) -> "Study":
+        """This study with `fixed.precision: auto` (or none given) resolved to `chosen`, unless a factor sets
+        it. The runner resolves it once, when the study is created, so it is part of the identity and a
+        resumed study keeps it on other hardware. fp32, TrialConfig's default, stays implicit: a study
+        made before `precision` existed keeps its identity."""
+        if self.fixed.get("precision", "auto") != "auto":
+            return self
+        by_factor = any(f == "precision" if isinstance(levels, list) else any("precision" in b for b in levels.values())
+                        for f, levels in self.factors.items())
+        fixed = {k: v for k, v in self.fixed.items() if k != "precision"}
+        if chosen != "fp32" and not by_factor:
+            fixed["precision"] = chosen
+        return self.model_copy(update={"fixed": fixed})
 
 
 @dataclass(frozen=True)
@@ -232,6 +313,7 @@ class Work:
     key: str
     condition: dict[str, str]
     seed: int
+    split_seed: int  # the split of the data it trains, validates and tests on
     settings: dict[str, Any]
     budget: float = 1.0  # the multiple of the study's budget it trains for (the budget check's trials: > 1)
 
@@ -243,6 +325,12 @@ def condition_id(condition: dict[str, str]) -> str:
 def tuning_study(study: str, condition: str) -> str:
     """The Optuna study that holds a condition's tuning trials (`condition` is its `condition_id`)."""
     return f"{study}.tune.{condition}"
+
+
+def sampler_seed(condition: str) -> int:
+    """A condition's own sampler seed (`condition` is its `condition_id`): reproducible, and different
+    conditions start their search from different random points."""
+    return int(digest(condition), 16) % 2**31
 
 
 def digest(value: Any) -> str:
@@ -294,8 +382,23 @@ def parse(text: str, source: str) -> Study:
     if not isinstance(raw, dict):
         raise UserError(f"{source}: a study spec must be a YAML mapping")
     try:
-        return Study.model_validate(raw)
+        return Study.model_validate(raw).check_models()
     except ValidationError as e:
-        err = e.errors()[0]
-        where = ".".join(str(p) for p in err["loc"]) or "spec"
-        raise UserError(f"{source}: {where}: {err['msg']}") from None
+        errors = e.errors()
+        # a union (`replicates: 3` or `{min, max}`) fails once per form: the form that was tried matters
+        err = next((x for x in errors if not x["type"].endswith("_type")), errors[0])
+        where = ".".join(str(p) for p in err["loc"] if not _union_branch(str(p))) or "spec"
+        raise UserError(f"{source}: {where}: {err['msg'].removeprefix('Value error, ')}") from None
+    except UserError as e:  # a condition's settings, checked by TrialConfig
+        raise UserError(f"{source}: {e}") from None
+
+
+def _unknown(names) -> list[str]:
+    """The names that are neither a trial setting nor one of a model's own settings (`model.NAME`)."""
+    return sorted(n for n in names if n not in SETTINGS and not n.startswith(MODEL_PREFIX))
+
+
+def _union_branch(part: str) -> bool:
+    """Pydantic names the form of a union it tried (`int`, `Adaptive`, `function-after[…]`) in an error's
+    location; the user wrote none of them."""
+    return part[:1].isupper() or "[" in part or part in ("int", "str", "float", "bool")
