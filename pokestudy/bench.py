@@ -1,7 +1,8 @@
 """`pokestudy bench`: speed claims as ratios measured in one run, on one machine.
 
 a. the trial engine vs the report author's loop (ImageFolder + PIL transforms + DataLoader);
-b. the engine's achieved FLOP/s as a fraction of a float32 matmul measured here;
+b. the engine's achieved FLOP/s as a fraction of a matmul measured here in the engine's precision
+   (a bf16 engine against a bf16 roof, which on an AMX Xeon is ~3x the fp32 one: issue 22);
 c. a study's wall time through Ray Tune vs the ideal (trial time / parallel slots) and vs a plain loop;
 d. seconds from `pokestudy run` to the first finished epoch, with a warm data cache.
 """
@@ -26,12 +27,15 @@ import yaml
 
 from pokestudy.data import Prepared, prepare
 from pokestudy.models import MODELS
-from pokestudy.train import TrialConfig, resolve_device, run_trial
+from pokestudy.train import Precision, TrialConfig, default_precision, native_bf16, resolve_device, run_trial
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 def reference_images_per_s(data: Prepared, cfg: TrialConfig, workdir: Path, limit: int = 1024) -> float:
     """The seed's way: JPEG files on disk, torchvision ImageFolder, PIL transforms, DataLoader;
-    the model on the same device as the engine's."""
+    the model on the same device as the engine's, in fp32 as the report trained it (so a bf16 engine's
+    speedup includes what bf16 buys)."""
     from PIL import Image
     from torch.utils.data import DataLoader
     from torchvision import datasets, transforms
@@ -71,9 +75,10 @@ def flops_per_image(data: Prepared, cfg: TrialConfig) -> float:
     return counter.get_total_flops() / cfg.batch_size
 
 
-def matmul_flops(device: torch.device, n: int = 1024, repeat: int = 10, windows: int = 5) -> float:
-    """The roof: float32 matmul FLOP/s, the best of a few windows (a low roof would flatter the engine)."""
-    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+def matmul_flops(device: torch.device, precision: Precision = "fp32", n: int = 1024, repeat: int = 10,
+                 windows: int = 5) -> float:
+    """The roof: matmul FLOP/s in `precision`, the best of a few windows (a low roof would flatter the engine)."""
+    a, b = (torch.randn(n, n, device=device, dtype=DTYPES[precision]) for _ in range(2))
     (a @ b).sum().item()
     best = float("inf")
     for _ in range(windows):
@@ -90,7 +95,8 @@ def _spec(path: Path, name: str, data: str, res: int, cfg: TrialConfig, seeds: i
     spec = {"name": name, "question": "bench", "data": {"source": data, "res": res},
             "factors": {"arch": [cfg.arch]}, "seeds": list(range(seeds)),
             "resources": {"cpus": 1, "gpus": 0.25 if torch.cuda.is_available() else 0},
-            "fixed": {"width": cfg.width, "epochs": cfg.epochs, "batch_size": cfg.batch_size}}
+            "fixed": {"width": cfg.width, "epochs": cfg.epochs, "batch_size": cfg.batch_size,
+                      "precision": cfg.precision}}
     path.write_text(yaml.safe_dump(spec))
     return path
 
@@ -187,10 +193,17 @@ def _images_per_s(fn, *args, copies: int = 1, repeats: int = 2) -> float:
     return best
 
 
-def measure(data_spec: str, res: int, arch: str = "cnn", trials: int = 8) -> dict:
-    data = prepare(data_spec, res)  # build the cache once, before the measurements
+def bench_precision(precision: str, device: torch.device) -> Precision:
+    """`auto`: what a new study on this device would get (`train.default_precision`)."""
+    return default_precision(device) if precision == "auto" else TrialConfig(precision=precision).precision
+
+
+def measure(data_spec: str, res: int, arch: str = "cnn", trials: int = 8, precision: str = "auto") -> dict:
     device = resolve_device("auto")
-    cfg = TrialConfig(arch=arch, res=res, augment="paper", epochs=2 if device.type == "cpu" else 10)
+    precision = bench_precision(precision, device)  # a bad one fails before the data is prepared
+    data = prepare(data_spec, res)  # build the cache once, before the measurements
+    cfg = TrialConfig(arch=arch, res=res, augment="paper", epochs=2 if device.type == "cpu" else 10,
+                      precision=precision)
     cores = os.cpu_count() or 1
     if device.type == "cpu":  # the threads of one trial, or one trial per core: which trains more images?
         layouts = {f"1 trial x {cores} threads": _images_per_s(_engine, cfg, data_spec, cores),
@@ -201,12 +214,13 @@ def measure(data_spec: str, res: int, arch: str = "cnn", trials: int = 8) -> dic
     reference = _images_per_s(_reference, cfg, data_spec, cores)
     flops = flops_per_image(data, cfg)
     torch.set_num_threads(cores)
-    roof = matmul_flops(device)
-    short = TrialConfig(arch=arch, res=res, epochs=3)
+    roof = matmul_flops(device, precision)
+    short = TrialConfig(arch=arch, res=res, epochs=3, precision=precision)
     with tempfile.TemporaryDirectory() as tmp:
         overhead = study_overhead(data_spec, data, short, Path(tmp), trials)
         first = first_epoch_seconds(data_spec, short, Path(tmp))
     return {"data": data_spec, "res": res, "arch": arch, "device": str(device), "cores": cores,
+            "precision": precision, "native_bf16": native_bf16(device), "reference_precision": "fp32",
             "layouts_images_per_s": layouts, "layout": layout,
             "engine_images_per_s": engine, "reference_images_per_s": reference, "speedup": engine / reference,
             "train_flops_per_image": flops, "engine_flops_per_s": flops * engine, "matmul_flops_per_s": roof,

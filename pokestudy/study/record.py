@@ -23,6 +23,7 @@ import optuna
 
 from pokestudy import UserError, __version__
 from pokestudy.study.spec import Study, condition_id, digest
+from pokestudy.train import TrialConfig, native_bf16
 
 PACKAGES = ("torch", "torchvision", "ray", "optuna", "optuna-dashboard")
 
@@ -166,8 +167,9 @@ def now() -> str:
 
 
 def provenance(manifest: dict[str, Any], threads_per_trial: float, started: str,
-               cluster: dict[str, float] | None = None) -> dict[str, Any]:
-    """Where and with what a study ran: versions, code revision, machine, data, times."""
+               cluster: dict[str, float] | None = None, precisions: list[str] | None = None) -> dict[str, Any]:
+    """Where and with what a study ran: versions, code revision, machine (and whether its CPU and GPU
+    compute bf16 natively, which decides what `precision: auto` became), precisions, data, times."""
     import torch
 
     gpus = ([torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
@@ -176,9 +178,15 @@ def provenance(manifest: dict[str, Any], threads_per_trial: float, started: str,
         "pokestudy": __version__, "git": _git(), "python": platform.python_version(),
         "packages": {p: _version(p) for p in PACKAGES},
         "cpu": _cpu_model(), "cores": os.cpu_count(), "gpus": gpus, "threads_per_trial": threads_per_trial,
-        "ray_cluster": cluster or {}, "data_fingerprint": manifest["fingerprint"],
+        "native_bf16": {"cpu": native_bf16("cpu"), "gpu": native_bf16("cuda") if gpus else None},
+        "precision": precisions or [], "ray_cluster": cluster or {}, "data_fingerprint": manifest["fingerprint"],
         "started": started, "finished": None,
     }
+
+
+def precisions(spec: Study) -> list[str]:
+    """The precisions a (resolved) study's trials train in: one, or the levels of a `precision` factor."""
+    return sorted({TrialConfig.from_dict(spec.settings(c)).precision for c in spec.conditions()})
 
 
 def provenance_line(p: dict[str, Any]) -> str:
@@ -189,8 +197,19 @@ def provenance_line(p: dict[str, Any]) -> str:
     gpus = f"{len(p['gpus'])}× {p['gpus'][0]}" if p["gpus"] else "no GPU"
     versions = ", ".join(f"{k} {v}" for k, v in p["packages"].items())
     return (f"{code}; Python {p['python']}, {versions}; {p['cpu']} ({p['cores']} cores), {gpus}, "
-            f"{p['threads_per_trial']:g} threads per trial; data {p['data_fingerprint']}; "
+            f"{p['threads_per_trial']:g} threads per trial{_precision_words(p)}; data {p['data_fingerprint']}; "
             f"started {p['started']}, finished {p['finished'] or '(not yet)'}")
+
+
+def _precision_words(p: dict[str, Any]) -> str:
+    """`, precision bf16 (native bf16: CPU yes, GPU yes)`; nothing for a study stored before precision
+    was recorded (it trained in fp32 on CPUs, with bf16 autocast on GPUs)."""
+    if not p.get("precision"):
+        return ""
+    native = p["native_bf16"]
+    where = [f"CPU {'yes' if native['cpu'] else 'no'}"] + ([] if native["gpu"] is None else
+                                                         [f"GPU {'yes' if native['gpu'] else 'no'}"])
+    return f", precision {' and '.join(p['precision'])} (native bf16: {', '.join(where)})"
 
 
 def _git() -> dict[str, Any] | None:
