@@ -9,6 +9,7 @@ import argparse
 import json
 import logging
 import os
+import re
 import signal
 import socket
 import sys
@@ -69,10 +70,14 @@ def _listed(lines: list[str], most: int = 12) -> None:
 
 def _train(args: argparse.Namespace) -> None:
     from pokestudy.data import prepare
-    from pokestudy.train import Diverged, TrialConfig, run_trial
+    from pokestudy.train import Diverged, TrialConfig, default_precision, resolve_device, run_trial
 
     names = set(TrialConfig.model_fields)
-    cfg = TrialConfig(**{k: v for k, v in vars(args).items() if k in names and v is not None})
+    settings = {k: v for k, v in vars(args).items() if k in names and v is not None}
+    if settings.get("precision", "auto") == "auto":  # the hardware's default, as a new study gets it
+        settings["precision"] = default_precision(resolve_device(settings.get("device", "auto")))
+    cfg = TrialConfig(**settings)
+    cfg.check_model()
     data = prepare(args.data, cfg.res, evals=_evals(args.eval), near_duplicates=args.near_duplicates)
     columns = ["epoch", "train_acc", "val_acc", "test_acc", "gap", *[f"{n}_acc" for n in data.sets if n not in
                                                                    ("train", "val", "test")], "images_per_s"]
@@ -139,6 +144,7 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--eval", action="append", metavar="NAME=PATH",
                    help="an outside evaluation set (a folder, one sub-folder per class); repeatable")
     t.add_argument("--device")
+    t.add_argument("--precision", help="fp32, bf16 or auto (default: bf16 where the GPU or CPU has it natively)")
     _near_arg(t)
     t.add_argument("--json", action="store_true", help="one JSON object per epoch, then a final summary")
     t.set_defaults(func=_train)
@@ -157,6 +163,9 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--restart", action="store_true",
                    help="keep the stored study of this name as NAME.archived-TIME and start it over")
     r.add_argument("--verbose", action="store_true", help="show Ray's own logs")
+    r.add_argument("--budget", type=_duration, metavar="DURATION",
+                   help="wall-clock budget, e.g. 90s, 45m, 2h: start no trial that cannot finish in it (by measured "
+                        "trial times); a rerun continues")
     _storage_args(r, study_name=True)
     r.set_defaults(func=_run)
 
@@ -183,6 +192,8 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--res", type=int, default=64)
     b.add_argument("--arch", default="cnn")
     b.add_argument("--trials", type=int, default=8, help="short trials in the study-overhead measurement")
+    b.add_argument("--precision", default="auto", help="the engine's: fp32, bf16 or auto (default: bf16 where "
+                                                       "native); the FLOP roof is a matmul of the same precision")
     b.add_argument("--json", action="store_true")
     b.set_defaults(func=_bench)
 
@@ -224,15 +235,19 @@ def _run(args: argparse.Namespace) -> int:
 def _run_study(args: argparse.Namespace) -> int:
     from optuna.trial import TrialState
 
+    from pokestudy import imports
     from pokestudy.study import runner, spec
 
     study = spec.load(args.study)
+    if line := imports.notice(study, args.data):
+        print(line, file=sys.stderr)
     url = _storage_url(args)
     stored = runner.run_study(study, storage=url, results=args.results,
                               study_name=args.study_name or study.name, data=args.data, evals=_evals(args.eval),
                               near_duplicates=args.near_duplicates, address=args.address,
                               max_concurrent=args.max_concurrent, gpus_per_trial=args.gpus_per_trial,
-                              restart=args.restart, verbose=args.verbose, trial_figure=_trial_figure)
+                              restart=args.restart, verbose=args.verbose, trial_figure=_trial_figure,
+                              budget=args.budget)
     if not stored.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
         print(f"pokestudy: no trial of {stored.study_name} finished; their errors are in the storage "
               "(`pokestudy dashboard`)", file=sys.stderr)
@@ -242,6 +257,15 @@ def _run_study(args: argparse.Namespace) -> int:
     build(url, stored.study_name, args.results, ("csv", "md", "tex", "json"),
           generator=f"pokestudy run --study {args.study}")
     return 0
+
+
+def _duration(text: str) -> float:
+    """Seconds in `90s`, `45m`, `2h` or `1h30m` (a bare number is seconds)."""
+    match = re.fullmatch(r"(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m)?(?:(\d+(?:\.\d+)?)s?)?", text.strip())
+    if not text.strip() or match is None:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a duration; write e.g. 90s, 45m, 2h or 1h30m")
+    h, m, sec = (float(g or 0) for g in match.groups())
+    return 3600 * h + 60 * m + sec
 
 
 _stopped_by = signal.SIGINT  # what ended the run, for its message and exit code (128 + the signal's number)
@@ -321,15 +345,29 @@ def _studies(args: argparse.Namespace) -> None:
         states = ", ".join(f"{k} {v}" for k, v in sorted(counts.items()))
         print(f"{s.study_name:<{width}}{s.n_trials:>4} trials  {states}")
         try:
-            print(f"{'':<{width}}{provenance_line(StudyRecord.from_study(study).provenance)}")
+            record = StudyRecord.from_study(study)
+            print(f"{'':<{width}}{provenance_line(record.provenance)}")
+            print(f"{'':<{width}}{_replicates_line(record.study, study)}")
         except RecordError:
             print(f"{'':<{width}}(no pokestudy record: made by another tool or version)")
+
+
+def _replicates_line(spec, study) -> str:
+    """`replicates 3 done / 5 planned` (an adaptive study), or `replicates 2 done / 3`."""
+    from pokestudy.study.runner import replicates_done
+
+    if spec.adaptive:
+        planned = study.user_attrs.get("replicates_planned")
+        plan = f"{planned} planned" if planned else f"{spec.adaptive.min} (the pilot), then up to {spec.adaptive.max}"
+    else:
+        plan = str(len(spec.replicate_seeds()))
+    return f"replicates {replicates_done(spec, study)} done / {plan}"
 
 
 def _bench(args: argparse.Namespace) -> None:
     from pokestudy import bench
 
-    result = bench.measure(args.data, args.res, args.arch, args.trials)
+    result = bench.measure(args.data, args.res, args.arch, args.trials, args.precision)
     if args.json:
         print(json.dumps(result))
         return
@@ -341,6 +379,8 @@ def _bench(args: argparse.Namespace) -> None:
     for name, value in rows:
         print(f"{name:<36}{value:>10.2f}")
     print(f"fastest layout, used for speedup and FLOP/s: {result['layout']}")
+    print(f"engine precision {result['precision']} (native bf16: {'yes' if result['native_bf16'] else 'no'}), "
+          f"against a {result['precision']} matmul roof; the reference loop runs fp32, as the report's did")
 
 
 def _dashboard(args: argparse.Namespace) -> None:

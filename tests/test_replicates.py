@@ -93,6 +93,8 @@ def test_a_budget_stops_between_trials_exits_0_and_the_rerun_continues(tmp_path:
     assert rest.returncode == 0, rest.stderr
     assert f"16 trials, {states.count('COMPLETE')} already done" in rest.stderr
     assert [state for state, _ in _trials(db)].count("COMPLETE") == 16
+    studies = pokestudy("studies", "--results", str(tmp_path))
+    assert "replicates 2 done / 2" in studies.stdout, studies.stdout
     bad = pokestudy("run", "--study", "smoke", "--results", str(tmp_path), "--budget", "soon")
     assert bad.returncode == 2 and "is not a duration" in bad.stderr
 
