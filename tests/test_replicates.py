@@ -134,3 +134,12 @@ def test_an_adaptive_study_runs_its_pilot_then_the_replicates_its_variance_asks_
     assert len(df) == 2 * wanted, "whole replicates: every condition of each"
     again = runner.run_study(study, storage=url, results=tmp_path, study_name="adaptive")  # planned again alike
     assert len(again.get_trials(states=(TrialState.COMPLETE,))) == 2 * wanted
+
+
+@pytest.mark.fast
+def test_a_study_stored_before_resampled_splits_reads_as_one_fixed_split():
+    old = spec.load("smoke").model_dump(mode="json")
+    del old["data"]["split"]  # what the previous release stored
+    assert StudyRecord(spec=old, identity={}, data={}, provenance={}).study.data.split == "fixed"
+    new = spec.load("smoke").model_dump(mode="json")
+    assert StudyRecord(spec=new, identity={}, data={}, provenance={}).study.data.split == "resample"

@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 import platform
 import subprocess
-from dataclasses import asdict, dataclass, fields
+from dataclasses import MISSING, asdict, dataclass, fields
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
@@ -33,11 +33,13 @@ class RecordError(UserError):
 
 
 def _read(cls: type, attrs: dict[str, Any], where: str) -> Any:
-    missing = [f.name for f in fields(cls) if f.name not in attrs]
+    """A record from stored attributes; only fields with a default (what older versions did not store, and
+    the default says what they did) may be missing."""
+    missing = [f.name for f in fields(cls) if f.name not in attrs and f.default is MISSING]
     if missing:
         raise RecordError(f"{where} has no {', '.join(missing)} (stored by another pokestudy version?); "
                           "rerun the study with --restart to record it afresh")
-    return cls(**{f.name: attrs[f.name] for f in fields(cls)})
+    return cls(**{f.name: attrs[f.name] for f in fields(cls) if f.name in attrs})
 
 
 @dataclass(frozen=True)
@@ -58,6 +60,7 @@ class TrialRecord:
     images_per_s: float
     final: dict[str, float]  # metrics at the last epoch: train_acc, val_acc, test_acc, gap, <extra>_acc, …
     history: dict[str, list[float]]  # accuracies, gaps and learning rate, per epoch
+    split_seed: int | None = None  # the split it ran on; None: stored before splits were resampled, the study's
 
     ATTR: ClassVar[str] = "pokestudy:record"
 
@@ -79,6 +82,7 @@ class TrialRecord:
         own = {k: v for k, v in self.settings.items() if k not in (*fixed, *self.condition, "seed", "res")}
         columns = ["lr", *[k for k in self.history if k.endswith(("_acc", "gap")) and not k.endswith("augmented")]]
         budget = f" at {self.budget:g}× the study's budget" if self.budget != 1 else ""
+        split = "" if self.split_seed is None else f", split {self.split_seed}"
         names = [c.removesuffix("_acc") for c in columns]
         width = max(7, *map(len, names))
 
@@ -92,8 +96,8 @@ class TrialRecord:
         state = (f"converged (last-quarter rise: {rises} points)" if self.converged
                  else f"NOT converged: the budget was too short (last-quarter rise: {rises} points)")
         return "\n".join([
-            f"**{', '.join(f'{k}={v}' for k, v in self.condition.items())}**, seed {self.seed}{budget}: {self.epochs} "
-            f"epochs ({self.seconds:.0f} s), {state}", "",
+            f"**{', '.join(f'{k}={v}' for k, v in self.condition.items())}**, seed {self.seed}{split}{budget}: "
+            f"{self.epochs} epochs ({self.seconds:.0f} s), {state}", "",
             "Settings of this condition (beyond the study's fixed ones): "
             + (", ".join(f"{k}={v}" for k, v in own.items()) or "none"), "",
             "Accuracy and gap in % per epoch:", "", "```", row(["epoch", *names]), *rows, "```"])
@@ -101,7 +105,8 @@ class TrialRecord:
     def display(self) -> dict[str, Any]:
         """What a person scanning trials in optuna-dashboard wants, each short enough for one line."""
         shown = {k: round(v, 4) for k, v in self.final.items() if k.endswith(("_acc", "gap")) and "augmented" not in k}
-        return {"condition": condition_id(self.condition), "seed": self.seed, "budget": self.budget,
+        return {"condition": condition_id(self.condition), "seed": self.seed, "split_seed": self.split_seed,
+                "budget": self.budget,
                 "converged": self.converged, "epochs": self.epochs, **shown}
 
 
@@ -120,8 +125,10 @@ class StudyRecord:
 
     @property
     def study(self) -> Study:
-        """The stored spec, validated again into its typed form."""
-        return Study.model_validate(self.spec)
+        """The stored spec, validated again into its typed form. A spec stored before splits were resampled
+        ran on one fixed split (today's default would misdescribe it)."""
+        data = self.spec.get("data", {})
+        return Study.model_validate({**self.spec, "data": {"split": "fixed", **data}})
 
     def attrs(self) -> dict[str, Any]:
         return asdict(self)
@@ -131,6 +138,8 @@ def identity(spec: Study, manifest: dict[str, Any]) -> dict[str, Any]:
     """The study identity for this spec on this data; `digest` compares two of them."""
     data = {"source": manifest["data"], "fingerprint": manifest["fingerprint"], "res": manifest["res"],
             "split_seed": manifest["split_seed"], "fractions": manifest["fractions"]}
+    if spec.data.split == "resample":  # only then, so fixed-split studies keep the identity they had
+        data["split"] = "resample"
     if "evals" in manifest:  # only when there are any, so studies without them keep their identity
         data["evals"] = {name: e["fingerprint"] for name, e in manifest["evals"].items()}
     if manifest["near_duplicates"]["threshold"]:  # likewise: exact-bytes grouping is what older studies used
@@ -147,7 +156,7 @@ def differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
         out.append(f"data: {o['source']} → {n['source']}")
     elif o["fingerprint"] != n["fingerprint"]:
         out.append(f"data files changed (fingerprint {o['fingerprint']} → {n['fingerprint']})")
-    keys = ("res", "split_seed", "fractions", "evals", "near_duplicates")  # optional ones: older identities lack them
+    keys = ("res", "split", "split_seed", "fractions", "evals", "near_duplicates")  # optional ones: older identities lack them
     out += [f"data.{k}: {o.get(k, '(none)')} → {n.get(k, '(none)')}" for k in keys if o.get(k) != n.get(k)]
     flat_old, flat_new = _flatten(old["design"]), _flatten(new["design"])
     for k in sorted(set(flat_old) | set(flat_new)):
