@@ -36,12 +36,18 @@ def resolve(path: str, what: str) -> Callable:
     try:
         module = importlib.import_module(module_name)
     except Exception as e:  # noqa: BLE001 — any failure of the user's module is a one-line error
-        raise UserError(f"{what} {path}: cannot import {module_name} ({type(e).__name__}: {e}); "
+        raise UserError(f"{what} {path}: cannot import {module_name} ({failure(e)}); "
                         "it must be importable from the current directory or an installed package") from None
     fn = getattr(module, name, None)
     if not callable(fn):
         raise UserError(f"{what} {path}: module {module_name} has no function {name}")
     return fn
+
+
+def failure(e: Exception) -> str:
+    """What the user's code raised, in one line: its type and the first line of its message."""
+    first = (str(e).strip().splitlines() or [""])[0]
+    return f"{type(e).__name__}: {first}" if first else type(e).__name__
 
 
 def modules(study: Study, data: str | None = None) -> list[str]:

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from pokestudy import UserError
-from pokestudy.imports import is_path, resolve
+from pokestudy.imports import failure, is_path, resolve
 
 
 def conv_bn(cin: int, cout: int, stride: int = 1) -> list[nn.Module]:
@@ -74,9 +74,9 @@ PROBE_CLASSES = 5  # the class count `check` builds with: unlikely to be one a b
 
 
 def known_form(arch: str) -> bool:
-    """Whether `arch` has one of the registry's forms; checked without importing anything."""
-    return arch in MODELS or (arch.startswith(TORCHVISION) and arch[len(TORCHVISION):].isidentifier()) \
-        or is_path(arch)
+    """Whether `arch` has one of the registry's forms (`torchvision:NAME` is one of `package.module:function`'s);
+    checked without importing anything."""
+    return arch in MODELS or is_path(arch)
 
 
 def builder(arch: str) -> Builder:
@@ -130,7 +130,7 @@ def _check(arch: str, res: int, settings: tuple[tuple[str, Setting], ...]) -> No
         raise
     except Exception as e:  # noqa: BLE001 — whatever the user's builder raises, one line
         called = ", ".join(f"{k}={v!r}" for k, v in [("num_classes", PROBE_CLASSES), ("res", res), *settings])
-        raise UserError(f"arch {arch} failed to build ({called}): {_why(e)}") from None
+        raise UserError(f"arch {arch} failed to build ({called}): {failure(e)}") from None
     if not isinstance(model, nn.Module):
         raise UserError(f"arch {arch} returned a {type(model).__name__}; a builder must return a torch.nn.Module")
     batch = torch.zeros(2, 3, res, res)
@@ -140,7 +140,8 @@ def _check(arch: str, res: int, settings: tuple[tuple[str, Setting], ...]) -> No
             try:
                 out = model(batch)
             except Exception as e:  # noqa: BLE001
-                raise UserError(f"arch {arch} failed on a batch of 2 at {res} px in {mode} mode: {_why(e)}") from None
+                raise UserError(f"arch {arch} failed on a batch of 2 at {res} px in {mode} mode: "
+                                f"{failure(e)}") from None
             if not isinstance(out, torch.Tensor) or tuple(out.shape) != (2, PROBE_CLASSES):
                 got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
                 raise UserError(f"arch {arch} maps a batch (2, 3, {res}, {res}) to {got} in {mode} mode; expected "
@@ -168,7 +169,3 @@ def _check_signature(arch: str, fn: Builder, settings: dict[str, Setting]) -> No
     if missing:
         raise UserError(f"arch {arch} needs the setting(s) {', '.join(missing)}; give them in the spec")
 
-
-def _why(e: Exception) -> str:
-    first = (str(e).strip().splitlines() or [""])[0]
-    return f"{type(e).__name__}: {first}" if first else type(e).__name__

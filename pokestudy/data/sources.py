@@ -24,7 +24,7 @@ from PIL import Image
 from pokestudy import UserError
 from pokestudy.data.images import Undecodable, decode, decode_file, gif_frames, perceptual_hash, rasterize_svg
 from pokestudy.data.pokedex import GEN1
-from pokestudy.imports import is_path, resolve
+from pokestudy.imports import failure, is_path, resolve
 
 
 @dataclass
@@ -272,8 +272,7 @@ class Function:
             try:
                 out = self.fn()
             except Exception as e:  # noqa: BLE001 — whatever the user's function raises, one line
-                first = (str(e).strip().splitlines() or [""])[0]
-                raise UserError(f"data {self.path} raised {type(e).__name__}: {first}") from None
+                raise UserError(f"data {self.path} raised {failure(e)}") from None
             self._returned = _checked(self.path, out)
         return self._returned
 
