@@ -57,14 +57,15 @@ def test_the_cpu_flag_parser_finds_native_bf16_only_where_the_flags_say_so():
     assert cpu_has_bf16(XEON_AMX) and cpu_has_bf16(COOPER_LAKE)
 
 
-@pytest.mark.parametrize("cpuinfo, expected", [(EPYC, "fp32"), (XEON_AMX, "bf16"), (None, "fp32")])
-def test_auto_is_bf16_only_on_a_cpu_with_native_bf16(tmp_path: Path, monkeypatch, cpuinfo: str | None,
-                                                     expected: str):
-    path = tmp_path / "cpuinfo"  # None: no /proc/cpuinfo (not Linux): unknown, so fp32
+@pytest.mark.parametrize("cpuinfo, native", [(EPYC, False), (XEON_AMX, True), (None, False)])
+def test_native_bf16_is_read_from_the_cpu_and_auto_stays_fp32_until_the_precision_verdict(
+        tmp_path: Path, monkeypatch, cpuinfo: str | None, native: bool):
+    path = tmp_path / "cpuinfo"  # None: no /proc/cpuinfo (not Linux): unknown, so not native
     if cpuinfo is not None:
         path.write_text(cpuinfo)
     monkeypatch.setattr(train, "CPUINFO", path)
-    assert default_precision("cpu") == expected and native_bf16(torch.device("cpu")) == (expected == "bf16")
+    assert native_bf16(torch.device("cpu")) == native
+    assert default_precision("cpu") == "fp32", "bf16 is no default before the precision study says it is safe"
 
 
 def test_a_precision_other_than_fp32_or_bf16_is_one_line(capsys):

@@ -39,7 +39,7 @@ def test_every_shipped_spec_loads_and_says_what_it_answers():
         study = spec.load(name)
         assert study.name == name and study.question and study.trials()
     overfit = spec.load("overfit")
-    assert set(overfit.factors) >= {"arch", "augment", "regularization"} and len(overfit.seeds) >= 3
+    assert set(overfit.factors) >= {"arch", "augment", "regularization"} and len(overfit.replicate_seeds()) >= 3
     assert set(overfit.factors["augment"]) == {"none", "paper", "paper-offline"}
 
 
