@@ -106,7 +106,7 @@ def test_the_one_labeller_and_the_one_formatter():
     assert stats.label(-0.01, 0.015, **kw) == "equivalent within ±2 points"
     assert stats.label(-0.05, 0.05, **kw) == stats.INCONCLUSIVE
     assert stats.label(-0.1, -0.05, pairs=3, converged=False) == stats.UNCONVERGED
-    assert stats.label(math.nan, math.nan, pairs=2) == "inconclusive: fewer than 3 pairs"
+    assert stats.label(math.nan, math.nan, pairs=2) == "inconclusive: fewer than 3 replicates"
     assert stats.label(math.nan, math.nan, pairs=0) == stats.NOT_RUN
     assert stats.label(0.01, 0.05, pairs=3, below=stats.LOWER, above=stats.HIGHER) == "higher"
     assert stats.interval_text(0.075, 0.049, 0.101, unit=" points") == "+7.5 points [+4.9, +10.1]"

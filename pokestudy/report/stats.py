@@ -3,7 +3,8 @@ difference, Welch), the family-wise correction, line fits with their inverse pre
 checks, the interaction F-tests, the one labeller and the one interval formatter. Verdicts,
 compare, scaling and figures all call these, so a formula exists once.
 
-Every interval is over seeds (the unit of replication); under MIN_SEEDS values none is given.
+Every interval is over replicates, the unit of replication (a replicate is one seed: its own data split,
+initialisation, batch order and augmentation draws); under MIN_SEEDS values none is given.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Sequence
 
 import numpy as np
@@ -47,8 +49,10 @@ def family_confidence(size: int, alpha: float = ALPHA) -> float:
     return 1 - alpha / max(1, size)
 
 
+@lru_cache(maxsize=4096)
 def t_quantile(confidence: float, dof: float) -> float:
-    """The two-sided t quantile: the one place the package asks for one."""
+    """The two-sided t quantile: the one place the package asks for one (cached: the power projections ask
+    for the same quantiles for every claim)."""
     return float(stats.t.ppf((1 + confidence) / 2, dof))
 
 
@@ -91,8 +95,9 @@ def welch(x: Sequence[float] | np.ndarray, y: Sequence[float] | np.ndarray, conf
 
 
 def label(lo: float, hi: float, *, pairs: int, converged: bool = True, delta: float | None = None,
-          below: str = CLOSES, above: str = WIDENS, unit: str = "pairs") -> str:
-    """The one labeller: what a family-wise interval [lo, hi] of a difference allows one to say.
+          below: str = CLOSES, above: str = WIDENS, unit: str = "replicates") -> str:
+    """The one labeller: what a family-wise interval [lo, hi] of a difference over `pairs` independent units
+    (replicates; compare: seeds per side) allows one to say.
     Below 0 / above 0 name the direction; inside ±`delta` (a fraction) is equivalence — a TOST at
     the same level, conservatively, since the interval is 1 − α/m rather than 1 − 2α/m."""
     if pairs == 0:
