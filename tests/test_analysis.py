@@ -61,6 +61,74 @@ def test_an_effect_that_varies_across_cells_gets_its_simple_effects_and_a_unifor
     assert f"**Family: {family}**" in summary and "### Where a main effect varies" in summary
 
 
+def _frame(seeds: int, rng: np.random.Generator, noise: float = 0.01) -> pd.DataFrame:
+    """A trials frame of a 2 x 2 design (t: off/on, s: x/y): each replicate shifts every condition's gap alike
+    (its split), each trial adds its own noise, t=on adds 5 points."""
+    shift = rng.normal(0, 0.05, seeds)
+    rows = [{"factor:t": t, "factor:s": s, "seed": k, "converged": True, "test_acc": 0.6 + rng.normal(0, noise),
+             "gap": 0.3 + 0.05 * (t == "on") + shift[k] + rng.normal(0, noise)}
+            for k in range(seeds) for t in ("off", "on") for s in ("x", "y")]
+    df = pd.DataFrame(rows)
+    for f, levels in (("t", ["off", "on"]), ("s", ["x", "y"])):
+        df[f"factor:{f}"] = pd.Categorical(df[f"factor:{f}"], categories=levels, ordered=True)
+    return df
+
+
+@pytest.mark.fast
+def test_a_claim_is_one_value_per_replicate_and_an_incomplete_replicate_is_left_out():
+    from pokestudy.report import power, verdicts
+    from pokestudy.study.spec import ReportSpec
+
+    df = _frame(6, np.random.default_rng(1))
+    wide = df.pivot_table(index=["seed", "factor:s"], columns="factor:t", values="gap", observed=True)
+    per_replicate = (wide["on"] - wide["off"]).groupby(level="seed").mean()  # the mean over s of each replicate
+    analysis = verdicts.analyse(df, ReportSpec())
+    row = analysis.verdicts.set_index("claim").loc["t=on vs off"]
+    assert row["replicates"] == 6 and row["gap_diff"] == pytest.approx(per_replicate.mean())
+    assert row["gap_sd"] == pytest.approx(per_replicate.std(ddof=1)), "the SD of replicates, not of pairs"
+    e = power.interval(per_replicate, analysis.confidence)
+    assert (row["gap_lo"], row["gap_hi"]) == pytest.approx((e.lo, e.hi))
+    assert analysis.differences["t=on vs off"].to_numpy() == pytest.approx(per_replicate.to_numpy())
+    simple = analysis.simple.set_index("claim")
+    assert (simple["replicates"] == 6).all(), "simple effects are per replicate too"
+
+    partial = df.drop(df.index[(df["seed"] == 5) & (df["factor:t"] == "on") & (df["factor:s"] == "y")])
+    again = verdicts.analyse(partial, ReportSpec())
+    counts = again.verdicts.set_index("claim")["replicates"]
+    assert counts["t=on vs off"] == 5 and counts["s=y vs x"] == 5, "replicate 5 lacks a cell of both claims"
+    assert again.simple.set_index("claim").loc["t=on vs off at s=x", "replicates"] == 6, "not of this one"
+    assert again.verdicts.set_index("claim").loc["t=on vs off", "gap_diff"] == pytest.approx(per_replicate[:5].mean())
+
+
+@pytest.mark.fast
+def test_an_adaptive_study_gets_steins_intervals_from_its_pilot_and_says_what_undecided_claims_need():
+    from pokestudy.report import power, verdicts
+    from pokestudy.study.spec import ReportSpec
+
+    df = _frame(8, np.random.default_rng(2), noise=0.04)
+    plain, adaptive = verdicts.analyse(df, ReportSpec()), verdicts.analyse(df, ReportSpec(), pilot_n=3)
+    values = adaptive.differences["t=on vs off"]
+    e = power.interval(values, adaptive.confidence, pilot_n=3)
+    row = adaptive.verdicts.set_index("claim").loc["t=on vs off"]
+    assert (row["gap_sd"], row["gap_lo"], row["gap_hi"]) == pytest.approx((values[:3].std(ddof=1), e.lo, e.hi))
+    assert row["gap_lo"] != pytest.approx(plain.verdicts.set_index("claim").loc["t=on vs off", "gap_lo"])
+    for table, pilot in ((plain.verdicts, None), (adaptive.verdicts, 3)):
+        for _, r in table.iterrows():
+            want = power.needed_text(power.needed(r["gap_sd"], 0.02, plain.size, pilot_n=pilot))
+            assert r["needed"] == ("" if power.decided(r["verdict"]) else want), r["claim"]
+    pilot = verdicts.analyse(df[df["seed"] < 3], ReportSpec())  # as the runner plans: the pilot's claims alone
+    counts = [power.needed(v.std(ddof=1), 0.02, pilot.size, pilot_n=3, ceiling=50) or 50
+              for v in pilot.differences.values()]
+    assert power.plan(pilot.differences.values(), 0.02, pilot.size, 50) == max(3, *counts)
+    undecided = plain.verdicts[[not power.decided(v) for v in plain.verdicts["verdict"]]]
+    lines = "\n".join(power.sentences(plain.verdicts, 0.02, plain.size, None, 50))
+    assert len(undecided) and all(f"- {c}: about {n} replicates" in lines
+                                  for c, n in zip(undecided["claim"], undecided["needed"]))
+    assert "out of reach" not in lines
+    tight = "\n".join(power.sentences(plain.verdicts, 0.02, plain.size, None, 8))
+    assert "**Not decidable within 8 replicates**" in tight and "**±2 points is out of reach**" in tight
+
+
 @pytest.mark.fast
 def test_the_scaling_law_is_extrapolated_only_where_its_form_does_not_decide(tmp_path: Path):
     raw = {"name": "forms", "data": {**SYNTHETIC, "source": "synthetic:classes=4,per_class=24,size=32"},
@@ -157,4 +225,4 @@ def test_a_factor_named_epochs_and_a_bundle_named_seed_are_reported_as_themselve
     assert (gap["seeds"] == 2).all()
     verdicts = pd.read_csv(tmp_path / "names" / "verdicts.csv").set_index("claim")
     assert list(verdicts.index) == ["epochs=10 vs 5", "seed=b vs a"]
-    assert (verdicts["pairs"] == 4).all(), "both claims ran (2 seeds x 2 levels of the other): none is not run yet"
+    assert (verdicts["replicates"] == 2).all(), "both claims ran in both replicates: none is not run yet"

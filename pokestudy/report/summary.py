@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from pokestudy.report import scaling
+from pokestudy.report import power, scaling
 from pokestudy.report.stats import ALPHA, MIN_SEEDS, FTest
 from pokestudy.report.tables import Trials, readable
 from pokestudy.report.verdicts import UNCONVERGED, Analysis, sentence
@@ -55,20 +55,22 @@ def write(name: str, generator: str, trials: Trials, table: pd.DataFrame, analys
     lines += [f"- {sentence(r, analysis.simple)}"
               + (f" Budget check: {r['budget_check']}." if "budget_check" in r else "")
               for _, r in analysis.verdicts.iterrows()]
+    lines += ["", *power.sentences(analysis.verdicts, report.delta / 100, analysis.size, analysis.pilot_n,
+                                   analysis.ceiling)]
     shown = analysis.simple[analysis.simple["shown"]]
     if not shown.empty:
         lines += ["", "### Where a main effect varies", "",
                   "Simple effects: each main effect at each level of a factor its effect may vary with (the "
                   f"interaction test below 0.05) or whose declared interaction is decided; intervals at the family's "
                   f"level ({analysis.size} intervals and tests).", "",
-                  md(shown[["effect", "by", "at", "pairs", "verdict", "gap_diff", "gap_lo", "gap_hi", "test_acc_diff",
-                            "test_acc_lo", "test_acc_hi"]]), ""]
+                  md(shown[["effect", "by", "at", "replicates", "verdict", "gap_diff", "gap_lo", "gap_hi",
+                            "test_acc_diff", "test_acc_lo", "test_acc_hi"]]), ""]
     if not analysis.heterogeneity.empty:
         het = analysis.heterogeneity
         het = het.assign(test=[FTest(r.F, r.df_num, r.df_den, r.p).text() if r.F == r.F else "not testable yet"
                                for r in het.itertuples()])
         lines += ["", "Does one factor's effect vary with another's level? The interaction F-test of each pair in "
-                  "the full factorial model of the gap, seed as a block (type II); *varies* at α/m = "
+                  "the full factorial model of the gap, the replicate as a block (type II); *varies* at α/m = "
                   f"{ALPHA / analysis.size:.2g}:", "", md(het[["factors", "test", "varies"]]), ""]
     unconverged = table[table["converged"] != "yes"]
     lines += ["", _schedule(df), "", *[f"{line}\n" for line in checks],
@@ -132,11 +134,24 @@ def _family(analysis: Analysis, delta: float) -> str:
               f"{100 * analysis.simple_confidence:.2f}%: they say where an effect holds; no label rests on them."
               if len(analysis.simple) else "")
     return (f"{claims} claims ({', '.join(f'{n} {words[k]}' for k, n in kinds.items())}), each a paired difference "
-            "(level − reference, matched on seed and the other factors) in the gap and in test accuracy. "
+            "(level − reference) in the gap and in test accuracy, one value per replicate: the mean of that "
+            "replicate's pairs (same replicate, same levels of the other factors) over the grid's cells. The "
+            "replicate is the unit: its conditions share its split, so its pairs are not independent; a replicate "
+            f"missing a cell of a claim is left out of it. {_intervals(analysis.pilot_n)}"
             f"**Family: {analysis.size}** = {' + '.join(parts)}: every interval is at "
             f"{100 * analysis.confidence:.2f}% and every test at α/{analysis.size} (Bonferroni), so all hold together "
             f"with probability ≥ {100 * (1 - ALPHA):.0f}%.{simple} A main effect is an average over the grid of the "
             f"other factors; where it may vary, its simple effects follow. Equivalence margin ±{delta:g} points.")
+
+
+def _intervals(pilot_n: int | None) -> str:
+    """How the intervals were made: plain t, or Stein's two-stage design when the replicates were planned."""
+    if pilot_n is None:
+        return "Intervals are t-intervals over replicates. "
+    return (f"The replicates were planned by Stein's two-stage rule: after a pilot of {pilot_n}, as many as make "
+            "every claim's interval narrower than ±δ/2 from the pilot's variances alone (never its means), up to "
+            "the spec's maximum; each interval is the mean over all replicates ± t on the pilot's "
+            f"{pilot_n - 1} degrees of freedom × the pilot's SD / √N, exact whatever N came out. ")
 
 
 def _schedule(df: pd.DataFrame) -> str:

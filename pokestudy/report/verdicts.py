@@ -2,14 +2,21 @@
 where a main effect varies across the grid, its simple effects beside it.
 
 The claims are every main effect (each level against its factor's first level), plus the
-contrasts and interactions the spec's `report:` block declares. Each claim is a paired difference
-in the gap and in test accuracy over matched trials — same seed, same levels of the other factors.
+contrasts and interactions the spec's `report:` block declares. The replicate is the unit of a claim:
+each replicate (one seed: its own data split, initialisation, batch order and augmentation draws) gives
+it one value, the mean over the other factors' cells of its paired differences in the gap (and in test
+accuracy) — same replicate, same levels of the other factors. The pairs of one replicate share its
+split, so they are correlated and counting them as independent would make the intervals too narrow;
+the replicates are independent, and so are their values. A replicate that lacks a pair in any cell of
+the claim's grid (a trial not run yet, or failed) is left out of that claim, so every value the claim
+averages is the same average over the grid. Simple effects are per replicate likewise.
 
 A main effect is an average over the levels of the other factors. For every pair of factors an
 F-test asks whether one's effect varies with the other's level (their interaction, in the full
-factorial model with the seed as a block). Where it does, or where a declared interaction is
-decided, the main effect is given per level of the factor it varies with (simple effects) beside
-the pooled one, and its sentence says where it is smallest and largest.
+factorial model with the replicate as a block: the block absorbs what a replicate's split shifts for
+all its conditions alike, and the residual keeps what it shifts differently). Where it does, or where
+a declared interaction is decided, the main effect is given per level of the factor it varies with
+(simple effects) beside the pooled one, and its sentence says where it is smallest and largest.
 
 The family is everything the verdicts rest on, counted before looking at the data: per claim its
 gap and its test-accuracy interval, and one test per pair of factors. Every interval is at 1 − α/m
@@ -17,6 +24,10 @@ and every test at α/m (Bonferroni, m the family's size): all hold together with
 The simple effects (per main effect and other factor, at each level, gap and test accuracy) are a
 second family with its own correction, counted likewise before the data and whether shown or not:
 they say where a main effect holds, and no label rests on them, so they do not widen the verdicts.
+
+Intervals are plain t-intervals over replicates; a study whose replicates were planned from a pilot
+(Stein's two-stage design, `power`) gets Stein's intervals instead, which keep the family's coverage.
+An undecided claim's `needed` says how many replicates would decide it (`power.needed`).
 
 Labels come from `stats.label`: for the gap, *closes* / *widens* (interval below / above 0),
 *equivalent within ±δ*, *inconclusive*, or *inconclusive: budget too short* (a condition the claim
@@ -27,26 +38,28 @@ that does not rise comes from fitting the training set less, not from generalisi
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, field
 
 import pandas as pd
 
-from pokestudy.report import stats
+from pokestudy.report import power, stats
 from pokestudy.report.stats import (ALPHA, CLOSES, EQUIVALENT, INCONCLUSIVE, INTERACTS, NOT_RUN, TOO_FEW,  # noqa: F401
-                                    UNCONVERGED, WIDENS, FTest, family_confidence, interval_text, label, mean_interval)
+                                    UNCONVERGED, WIDENS, FTest, family_confidence, interval_text, label)
 from pokestudy.report.tables import column, factors, levels, matched
 from pokestudy.study.spec import ReportSpec
 
-COLUMNS = ["kind", "claim", "pairs", "verdict", "how", "gap_diff", "gap_lo", "gap_hi", "test_acc_diff",
-           "test_acc_lo", "test_acc_hi", "averaged", "varies_with", "heterogeneity", "everywhere", "family"]
+COLUMNS = ["kind", "claim", "replicates", "verdict", "needed", "how", "gap_diff", "gap_sd", "gap_lo", "gap_hi",
+           "test_acc_diff", "test_acc_lo", "test_acc_hi", "averaged", "varies_with", "heterogeneity", "everywhere",
+           "family"]
 
 
 @dataclass(frozen=True)
 class Claim:
     kind: str  # "effect", "contrast", "interaction", or "simple" (a main effect at one level of another factor)
     name: str  # what is compared, in words
-    gap: pd.Series  # paired differences of the gap
-    test: pd.Series  # paired differences of test accuracy
+    gap: pd.Series  # per replicate (indexed by seed): the mean paired difference of the gap over the grid's cells
+    test: pd.Series  # the same for test accuracy
     converged: bool  # every trial the claim rests on converged
     factor: str = ""  # the factor whose levels are compared (an interaction's first factor)
     level: str = ""
@@ -64,7 +77,9 @@ class Claim:
 class Analysis:
     """Everything `verdicts` computed: the claims, every candidate simple effect (`shown` where its
     main effect varies with that factor or a declared interaction is decided), the heterogeneity
-    tests, and the size and confidence of the verdicts' family and of the simple effects' family."""
+    tests, the size and confidence of the verdicts' family and of the simple effects' family, each
+    claim's gap per replicate (what `power.plan` plans from), Stein's pilot size (None: plain t) and
+    the ceiling of `needed`."""
 
     verdicts: pd.DataFrame
     simple: pd.DataFrame
@@ -73,6 +88,9 @@ class Analysis:
     confidence: float
     simple_size: int
     simple_confidence: float
+    differences: dict[str, pd.Series] = field(default_factory=dict)
+    pilot_n: int | None = None
+    ceiling: int = power.CEILING
 
 
 def claims(df: pd.DataFrame, report: ReportSpec) -> list[Claim]:
@@ -94,18 +112,35 @@ def simple_effects(df: pd.DataFrame, main: list[Claim]) -> list[Claim]:
     for c in main:
         for by in (f for f in ls if f != c.factor):
             for at in ls[by]:
-                s = _contrast(df[df[column(by)] == at], "simple", c.factor, c.level, c.reference)
+                s = _contrast(df[df[column(by)] == at], "simple", c.factor, c.level, c.reference, fixed=by)
                 out.append(Claim("simple", f"{c.name} at {by}={at}", s.gap, s.test, s.converged, c.factor, c.level,
                                  c.reference, by, at))
     return out
 
 
-def _contrast(df: pd.DataFrame, kind: str, factor: str, level: str, reference: str) -> Claim:
+def _cells(df: pd.DataFrame, compared: tuple[str, ...], fixed: str = "") -> int:
+    """How many cells of the other factors' grid a replicate must have for a claim (`fixed`: held at one level)."""
+    return math.prod(len(ls) for f, ls in levels(df).items() if f not in (*compared, fixed))
+
+
+def _per_replicate(per_cell: pd.Series, cells: int) -> pd.Series:
+    """One value per replicate (indexed by seed): the mean of its within-cell differences, for the replicates
+    that have one in every one of the claim's `cells`; the others are left out (not run yet, or failed)."""
+    if per_cell.empty:
+        return pd.Series(dtype=float)
+    by = per_cell.groupby(level="seed")
+    return by.mean()[by.size() == cells]
+
+
+def _contrast(df: pd.DataFrame, kind: str, factor: str, level: str, reference: str, fixed: str = "") -> Claim:
+    """`level − reference` of `factor`; for a simple effect `df` holds one level of the factor `fixed`."""
     rows = df[df[column(factor)].isin([level, reference])]
+    cells = _cells(df, (factor,), fixed)
     gap, test = (matched(df, factor, m, level, reference) for m in ("gap", "test_acc"))
     name = f"{factor}={level} vs {reference}"
-    return Claim(kind, name, gap["level"] - gap["reference"], test["level"] - test["reference"],
-                 bool(rows["converged"].all()), factor, level, reference)
+    return Claim(kind, name, _per_replicate(gap["level"] - gap["reference"], cells),
+                 _per_replicate(test["level"] - test["reference"], cells), bool(rows["converged"].all()), factor,
+                 level, reference)
 
 
 def _interaction(df: pd.DataFrame, first: str, second: str, a: tuple[str, str], b: tuple[str, str]) -> Claim:
@@ -119,7 +154,8 @@ def _interaction(df: pd.DataFrame, first: str, second: str, a: tuple[str, str], 
                                 observed=True)
         if not set(cells) <= set(wide.columns):
             return pd.Series(dtype=float)  # a cell has no finished trial yet
-        return ((wide[(a[1], b[1])] - wide[(a[0], b[1])]) - (wide[(a[1], b[0])] - wide[(a[0], b[0])])).dropna()
+        per_cell = (wide[(a[1], b[1])] - wide[(a[0], b[1])]) - (wide[(a[1], b[0])] - wide[(a[0], b[0])])
+        return _per_replicate(per_cell.dropna(), _cells(df, (first, second)))
 
     name = f"({first}={a[1]} − {a[0]}) at {second}={b[1]} vs {b[0]}"
     return Claim("interaction", name, diff("gap"), diff("test_acc"), bool(rows["converged"].all()), first, by=second)
@@ -130,9 +166,13 @@ def family_size(main: list[Claim], pairs: list[tuple[str, str]]) -> int:
     return 2 * len(main) + len(pairs)
 
 
-def analyse(df: pd.DataFrame, report: ReportSpec) -> Analysis:
-    """The family's claims, tests and simple effects, each at the family-wise level, on any rows of a trials frame."""
+def analyse(df: pd.DataFrame, report: ReportSpec, pilot_n: int | None = None, ceiling: int = power.CEILING) -> Analysis:
+    """The family's claims, tests and simple effects, each at the family-wise level, on any rows of a trials frame.
+    `pilot_n`: the study planned its replicates from replicates 0 … pilot_n − 1 (Stein's design, `power.plan`;
+    an adaptive study numbers its replicates from 0), whose intervals its claims then get; None: plain
+    t-intervals. `ceiling`: the most replicates `needed` considers."""
     main = claims(df, report)
+    pilot = list(range(pilot_n)) if pilot_n else None
     ls = levels(df)
     names = [f for f in factors(df) if len(ls[f]) > 1]
     pairs = [(a, b) for i, a in enumerate(names) for b in names[i + 1:]]
@@ -146,7 +186,7 @@ def analyse(df: pd.DataFrame, report: ReportSpec) -> Analysis:
                                    "screened": t.p < ALPHA, "varies": t.p < ALPHA / size}  # NaN compares False
                                   for (a, b), t in zip(pairs, tests.values())],
                                  columns=["factors", "F", "df_num", "df_den", "p", "screened", "varies"])
-    rows = {c.name: _row(c, delta, size, _averages(c, names)) for c in main}
+    rows = {c.name: _row(c, delta, size, _averages(c, names), pilot, ceiling) for c in main}
     differs = {INTERACTS.format(direction=d) for d in ("narrower", "wider")}
     decided = {(c.factor, c.by) for c in main if c.kind == "interaction" and rows[c.name]["verdict"] in differs}
 
@@ -154,7 +194,8 @@ def analyse(df: pd.DataFrame, report: ReportSpec) -> Analysis:
         return bool(tests[frozenset((s.factor, s.by))].p < ALPHA or (s.factor, s.by) in decided)
 
     simple_table = pd.DataFrame([{"effect": s.effect, "by": s.by, "at": s.at, "shown": shown(s),
-                                  **_row(s, delta, simple_size, False)} for s in simple if s.by in names],
+                                  **_row(s, delta, simple_size, False, pilot, ceiling)}
+                                 for s in simple if s.by in names],
                                 columns=["effect", "by", "at", "shown", *COLUMNS])
     for c in (c for c in main if c.kind == "effect"):
         mine = simple_table[simple_table["effect"] == c.name]
@@ -164,7 +205,7 @@ def analyse(df: pd.DataFrame, report: ReportSpec) -> Analysis:
                             everywhere=bool(len(mine) and ((mine["gap_hi"] < 0).all() or (mine["gap_lo"] > 0).all())))
     table = pd.DataFrame(list(rows.values()), columns=COLUMNS)
     return Analysis(table, simple_table, heterogeneity, size, family_confidence(size), simple_size,
-                    family_confidence(simple_size))
+                    family_confidence(simple_size), {c.name: c.gap for c in main}, pilot_n, ceiling)
 
 
 def _averages(c: Claim, names: list[str]) -> bool:
@@ -188,16 +229,26 @@ def verdicts(df: pd.DataFrame, report: ReportSpec) -> pd.DataFrame:
     return analyse(df, report).verdicts
 
 
-def _row(c: Claim, delta: float, size: int, averaged: bool) -> dict:
+def _estimate(values: pd.Series, confidence: float, pilot: list | None) -> stats.Estimate:
+    """The interval over a claim's replicates in seed order; under Stein's design its pilot is its values
+    in the study's pilot replicates (the first, fewer where it lacks one: as `power.plan` saw them)."""
+    values = values.sort_index()
+    pilot_n = None if pilot is None else int(values.index.isin(pilot).sum())
+    return power.interval(values.to_numpy(float), confidence, pilot_n)
+
+
+def _row(c: Claim, delta: float, size: int, averaged: bool, pilot: list | None, ceiling: int) -> dict:
     confidence = family_confidence(size)
-    gap, test = mean_interval(c.gap, confidence), mean_interval(c.test, confidence)
+    gap, test = _estimate(c.gap, confidence, pilot), _estimate(c.test, confidence, pilot)
     words = ({"below": INTERACTS.format(direction="narrower"), "above": INTERACTS.format(direction="wider")}
              if c.kind == "interaction" else {})
     verdict = label(gap.lo, gap.hi, pairs=len(c.gap), converged=c.converged, delta=delta, **words)
-    return {"kind": c.kind, "claim": c.name, "pairs": len(c.gap), "verdict": verdict,
-            "how": _how(gap.lo, gap.hi, test.lo, test.hi), "gap_diff": gap.value, "gap_lo": gap.lo, "gap_hi": gap.hi,
-            "test_acc_diff": test.value, "test_acc_lo": test.lo, "test_acc_hi": test.hi, "averaged": averaged,
-            "varies_with": "", "heterogeneity": "", "everywhere": None, "family": size}
+    need = "" if power.decided(verdict) or gap.sd != gap.sd else power.needed_text(
+        power.needed(gap.sd, delta, size, pilot_n=len(pilot) if pilot else None, ceiling=ceiling), ceiling)
+    return {"kind": c.kind, "claim": c.name, "replicates": len(c.gap), "verdict": verdict, "needed": need,
+            "how": _how(gap.lo, gap.hi, test.lo, test.hi), "gap_diff": gap.value, "gap_sd": gap.sd, "gap_lo": gap.lo,
+            "gap_hi": gap.hi, "test_acc_diff": test.value, "test_acc_lo": test.lo, "test_acc_hi": test.hi,
+            "averaged": averaged, "varies_with": "", "heterogeneity": "", "everywhere": None, "family": size}
 
 
 def _how(glo: float, ghi: float, tlo: float, thi: float) -> str:
