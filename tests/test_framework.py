@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import sys
 from pathlib import Path
 
@@ -14,7 +15,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from pokestudy import UserError, imports
+from pokestudy import imports
 from pokestudy.cli import main
 from pokestudy.data import load
 from pokestudy.study import spec
@@ -166,3 +167,24 @@ def test_the_readmes_own_study_loads_as_printed(tmp_path: Path, monkeypatch: pyt
     assert {s.get("model.depth") for s in settings} == {None, 1, 3}
     assert main(["data", "info", "--data", study.data.source, "--res", str(study.data.res)]) == 0
     assert "classes     3\nimages      30" in capsys.readouterr().out
+
+
+def test_the_readmes_python_example_runs_as_printed_and_reads_what_the_files_hold(
+        smoke_run, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys):
+    _, finished = smoke_run
+    shutil.copytree(finished, tmp_path / "results")  # the smoke study, run: `pokestudy.run` resumes it
+    monkeypatch.chdir(tmp_path)
+    text = (ROOT / "README.md").read_text()
+    code = re.search(r"```python\n(.*?)```", text[text.index("## Python API"):], re.S).group(1)
+    names: dict = {}
+    exec(code, names)  # noqa: S102 — the README's own example, as printed
+    done, again = names["done"], names["again"]
+    assert "already finished" in capsys.readouterr().err
+    for got, stem in ((again.conditions, "gap"), (again.verdicts, "verdicts"), (done.verdicts, "verdicts")):
+        files = pd.read_csv(tmp_path / "results" / "smoke" / f"{stem}.csv")
+        assert list(files.columns) == list(got.columns) and len(files) == len(got)
+        for c in files.columns:
+            if pd.api.types.is_float_dtype(files[c]):  # numbers, and blanks where a cell holds none
+                mine = pd.to_numeric(got[c], errors="coerce")
+                np.testing.assert_allclose(mine, files[c], rtol=1e-5, equal_nan=True, err_msg=c)
+    assert set(again.trials["arch"]) == {"cnn", "resnet"} and len(again.trials) == 16
