@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
-from pokestudy import UserError, imports
+from pokestudy import imports
 
 if TYPE_CHECKING:
     from pokestudy.report import Analysed
