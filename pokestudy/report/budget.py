@@ -2,7 +2,7 @@
 
 - The **budget check**: the spec's `budget_check` reruns replicates at k times the budget. Each claim
   is labelled again on those trials and compared with its label at the study's budget *on the same
-  replicates*, so a change of label is the budget's doing, not fewer pairs'. A claim whose label
+  replicates*, so a change of label is the budget's doing, not fewer replicates'. A claim whose label
   changes is *budget-dependent*; one decided alike at both *holds*; one that neither budget decides
   (every kind of *inconclusive*) is *undecided at both budgets*: the check says nothing about it.
 - The **length check**: where the epochs trained can differ between trials of one condition (an
@@ -18,6 +18,7 @@ import pandas as pd
 from scipy import stats
 from statsmodels.stats.multitest import multipletests
 
+from pokestudy.report.stats import MIN_SEEDS
 from pokestudy.report.tables import ALPHA, column, factors, public
 from pokestudy.report.verdicts import verdicts
 from pokestudy.study.spec import BudgetCheck, ReportSpec
@@ -34,7 +35,7 @@ def split_budgets(df: pd.DataFrame, check: BudgetCheck | None) -> tuple[pd.DataF
 def budget_check(main: pd.DataFrame, longer: pd.DataFrame, report: ReportSpec) -> pd.DataFrame:
     """One row per claim: its label at the study's budget on the trials (condition and seed) that also
     ran longer, its label at the longer budget, both gap differences, and the outcome (holds /
-    budget-dependent / undecided at both budgets; *not checked* where either budget has too few pairs
+    budget-dependent / undecided at both budgets; *not checked* where either budget has too few replicates
     for a label)."""
     if longer.empty:
         return pd.DataFrame()
@@ -45,9 +46,10 @@ def budget_check(main: pd.DataFrame, longer: pd.DataFrame, report: ReportSpec) -
     out = pd.DataFrame({"claim": short["claim"], "replicates": longer["seed"].nunique(), "budget_factor": factor,
                         "verdict_at_budget": short["verdict"], f"verdict_at_{factor:g}x": long["verdict"],
                         "gap_diff_at_budget": short["gap_diff"], f"gap_diff_at_{factor:g}x": long["gap_diff"]})
-    unlabelled = ("inconclusive: not run yet", "inconclusive: fewer than")  # too few pairs to say either way
-    out["budget_check"] = [_outcome(a, b, unlabelled) for a, b in zip(out["verdict_at_budget"],
-                                                                       out[f"verdict_at_{factor:g}x"])]
+    unlabelled = ("inconclusive: not run yet", "inconclusive: fewer than")  # too few replicates to say either way
+    few = longer["seed"].nunique() < MIN_SEEDS  # no label of either budget could be decided, whatever it reads
+    out["budget_check"] = [UNCHECKED if few else _outcome(a, b, unlabelled)
+                           for a, b in zip(out["verdict_at_budget"], out[f"verdict_at_{factor:g}x"])]
     return out
 
 
@@ -112,7 +114,10 @@ def sentences(check: BudgetCheck | None, budget: pd.DataFrame, lengths: pd.DataF
                         + "; ".join(f"{r['claim']} ({r['verdict_at_budget']} → {r[f'verdict_at_{factor:g}x']})"
                                     for _, r in dependent.iterrows()) + ".")
                      + (" *Undecided at both budgets* says nothing either way: neither budget's trials decide it."
-                        if UNDECIDED in outcomes else ""))
+                        if UNDECIDED in outcomes else "")
+                     + (f" Fewer than {MIN_SEEDS} replicates ran longer, so no label could be compared: what the "
+                        f"check shows is convergence and the estimates at {factor:g}× (`gap_at_{factor:g}x`, "
+                        "`budget_check.csv`)." if budget["replicates"].iloc[0] < MIN_SEEDS else ""))
     varying = lengths[lengths["epochs"].str.contains("/")]
     if varying.empty:
         lines.append("**Training length** cannot predict a result here: within every condition all trials trained "
