@@ -26,7 +26,7 @@ import torch.nn.functional as F
 import yaml
 
 from pokestudy.data import Prepared, prepare
-from pokestudy.models import MODELS
+from pokestudy import models
 from pokestudy.train import Precision, TrialConfig, default_precision, native_bf16, resolve_device, run_trial
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -50,7 +50,7 @@ def reference_images_per_s(data: Prepared, cfg: TrialConfig, workdir: Path, limi
                              transforms.ToTensor(), transforms.Normalize(0.5, 0.25)])
     loader = DataLoader(datasets.ImageFolder(str(workdir), tf), batch_size=cfg.batch_size, shuffle=True, drop_last=True)
     device = resolve_device(cfg.device)
-    model = MODELS[cfg.arch](len(data.classes), cfg.width, cfg.res).to(device)
+    model = models.build(cfg.arch, len(data.classes), cfg.res, cfg.builder_settings()).to(device)
     opt = torch.optim.AdamW(model.parameters(), cfg.lr)
     model.train()
     seen, start = 0, time.perf_counter()
@@ -68,7 +68,7 @@ def flops_per_image(data: Prepared, cfg: TrialConfig) -> float:
     """Training FLOPs (forward + backward) per image, counted by torch.utils.flop_counter."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    model = MODELS[cfg.arch](len(data.classes), cfg.width, cfg.res)
+    model = models.build(cfg.arch, len(data.classes), cfg.res, cfg.builder_settings())
     x = torch.randn(cfg.batch_size, 3, cfg.res, cfg.res)
     with FlopCounterMode(display=False) as counter:
         F.cross_entropy(model(x), torch.zeros(cfg.batch_size, dtype=torch.long)).backward()

@@ -220,7 +220,9 @@ def _storage_args(p: argparse.ArgumentParser, study_name: bool = False) -> None:
 
 
 def _storage_url(args: argparse.Namespace) -> str:
-    return args.storage or f"sqlite:///{(args.results / 'pokestudy.db').as_posix()}"
+    from pokestudy.api import storage_url
+
+    return storage_url(args.storage, args.results)
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -233,29 +235,17 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _run_study(args: argparse.Namespace) -> int:
-    from optuna.trial import TrialState
+    from pokestudy import api
 
-    from pokestudy import imports
-    from pokestudy.study import runner, spec
-
-    study = spec.load(args.study)
-    if line := imports.notice(study, args.data):
-        print(line, file=sys.stderr)
-    url = _storage_url(args)
-    stored = runner.run_study(study, storage=url, results=args.results,
-                              study_name=args.study_name or study.name, data=args.data, evals=_evals(args.eval),
-                              near_duplicates=args.near_duplicates, address=args.address,
-                              max_concurrent=args.max_concurrent, gpus_per_trial=args.gpus_per_trial,
-                              restart=args.restart, verbose=args.verbose, trial_figure=_trial_figure,
-                              budget=args.budget)
-    if not stored.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
-        print(f"pokestudy: no trial of {stored.study_name} finished; their errors are in the storage "
-              "(`pokestudy dashboard`)", file=sys.stderr)
+    try:
+        api.run(args.study, storage=args.storage, results=args.results, budget=args.budget,
+                study_name=args.study_name, data=args.data, generator=f"pokestudy run --study {args.study}",
+                evals=_evals(args.eval), near_duplicates=args.near_duplicates, address=args.address,
+                max_concurrent=args.max_concurrent, gpus_per_trial=args.gpus_per_trial, restart=args.restart,
+                verbose=args.verbose)
+    except api.NothingFinished as e:
+        print(f"pokestudy: {e}", file=sys.stderr)
         return 1
-    from pokestudy.report import build  # matplotlib and friends: imported after the trials, not before
-
-    build(url, stored.study_name, args.results, ("csv", "md", "tex", "json"),
-          generator=f"pokestudy run --study {args.study}")
     return 0
 
 
@@ -290,13 +280,6 @@ def _interrupted() -> int:
     how = "" if _stopped_by == signal.SIGINT else f" by {_stopped_by.name}"
     print(f"pokestudy: interrupted{how}; rerun the same command to continue", file=sys.stderr)
     return 128 + _stopped_by
-
-
-def _trial_figure(record, path: Path) -> Path:
-    """The report's per-trial figure, imported only when the first trial finishes (matplotlib is slow to load)."""
-    from pokestudy.report import trial_figure
-
-    return trial_figure(record, path)
 
 
 def _report(args: argparse.Namespace) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import math
 import sys
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
@@ -26,22 +26,44 @@ from pokestudy.study.spec import Range, Study, condition_id, tuning_study
 from pokestudy.study.store import artifact_store, find_study, open_study, read_artifact, storage
 
 
-def build(url: str, name: str, results: Path, formats: tuple[str, ...], generator: str) -> Path:
-    """Write every table and figure of study `name` (finished trials of its identity only) and
-    publish them to the dashboard. `generator` is the command that asked, named in the summary."""
+@dataclass(frozen=True)
+class Analysed:
+    """What the storage says of a study: `build` writes it, `pokestudy.results` returns it as DataFrames."""
+
+    study: optuna.Study
+    everything: tables.Trials  # every finished trial of the study's identity, the budget check's too
+    trials: tables.Trials  # those at the study's budget
+    longer: pd.DataFrame  # the budget check's, at k times the budget
+    table: pd.DataFrame  # per condition (gap.csv)
+    analysis: verdicts.Analysis
+    checked: pd.DataFrame  # each claim at both budgets (budget_check.csv); empty without a budget check
+    claims: pd.DataFrame  # the verdicts (verdicts.csv)
+
+
+def analyse(url: str, name: str) -> Analysed:
+    """Read study `name` (finished trials of its identity only) and decide its claims."""
     study = open_study(url, name)
-    out = results / name
-    out.mkdir(parents=True, exist_ok=True)
     everything = tables.read(study)
     df, longer = budget.split_budgets(everything.frame, everything.spec.budget_check)  # B; the check's k·B
-    trials = replace(everything, frame=df)
-    spec, classes = trials.spec, trials.record.data["classes"]
-    table = tables.gap_table(df)
+    spec = everything.spec
     analysis = verdicts.analyse(df, spec.report, pilot_n=spec.adaptive.min if spec.adaptive else None)
     claims = analysis.verdicts
     checked = budget.budget_check(df, longer, spec.report)
     if not checked.empty:
         claims["budget_check"] = checked["budget_check"].to_numpy()
+    return Analysed(study, everything, replace(everything, frame=df), longer, tables.gap_table(df), analysis,
+                    checked, claims)
+
+
+def build(url: str, name: str, results: Path, formats: tuple[str, ...], generator: str) -> Analysed:
+    """Write every table and figure of study `name` (finished trials of its identity only) and
+    publish them to the dashboard. `generator` is the command that asked, named in the summary."""
+    done = analyse(url, name)
+    study, everything, trials, longer = done.study, done.everything, done.trials, done.longer
+    df, table, analysis, checked, claims = trials.frame, done.table, done.analysis, done.checked, done.claims
+    spec, classes = trials.spec, trials.record.data["classes"]
+    out = results / name
+    out.mkdir(parents=True, exist_ok=True)
     checks = budget.sentences(spec.budget_check, checked, budget.length_check(df), _pilot(url, spec))
     tuning = tuning_table(url, name, df, spec)
     written = [*tables.export(everything.frame.drop(columns=["history", "settings"]), out, "trials", ("csv",)),
@@ -71,7 +93,7 @@ def build(url: str, name: str, results: Path, formats: tuple[str, ...], generato
     print(tables.readable(analysis.verdicts)[["claim", "verdict", "gap", "test"]].to_string(index=False)
           if len(analysis.verdicts) else "no claims: every factor of this study has a single level")
     print(f"\nwritten to {out}/: {', '.join(p.name for p in [*written, *pngs])}, summary.md", file=sys.stderr)
-    return out
+    return done
 
 
 def tuning_table(url: str, name: str, df: pd.DataFrame, spec: Study) -> pd.DataFrame:
