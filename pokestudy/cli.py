@@ -182,6 +182,9 @@ def parser() -> argparse.ArgumentParser:
     _storage_args(cmp)
     cmp.set_defaults(func=_compare)
 
+    new = sub.add_parser("new", help="write NAME.yaml, a commented starting spec for a study of your own")
+    new.add_argument("name", help="the study's name (letters, digits, . _ -)")
+    new.set_defaults(func=_new)
     st = sub.add_parser("studies", help="list the studies in a storage (or the specs with --available)")
     st.add_argument("--available", action="store_true", help="list the study specs shipped in studies/")
     _storage_args(st)
@@ -333,6 +336,21 @@ def _studies(args: argparse.Namespace) -> None:
             print(f"{'':<{width}}{_replicates_line(record.study, study)}")
         except RecordError:
             print(f"{'':<{width}}(no pokestudy record: made by another tool or version)")
+
+
+def _new(args: argparse.Namespace) -> None:
+    """Write NAME.yaml from the commented template, checked by the spec loader; never over a file."""
+    from importlib import resources
+
+    from pokestudy.study import spec
+
+    path = Path(f"{args.name}.yaml")
+    text = (resources.files("pokestudy") / "new-study.yaml").read_text().replace("NAME", args.name)
+    spec.parse(text, path.name)  # a bad name fails here, in the loader's words
+    if path.exists():
+        raise UserError(f"{path} exists; choose another name or remove it")
+    path.write_text(text)
+    print(f"wrote {path}: edit it, then `pokestudy run --study {path}`")
 
 
 def _replicates_line(spec, study) -> str:

@@ -19,7 +19,7 @@ from pokestudy import imports
 from pokestudy.cli import main
 from pokestudy.data import load
 from pokestudy.study import spec
-from tests.conftest import ROOT
+from tests.conftest import ROOT, pokestudy
 from tests.test_reliability import assert_one_line_error
 
 MINE = "tests.my_models:tiny"
@@ -188,3 +188,15 @@ def test_the_readmes_python_example_runs_as_printed_and_reads_what_the_files_hol
                 mine = pd.to_numeric(got[c], errors="coerce")
                 np.testing.assert_allclose(mine, files[c], rtol=1e-5, equal_nan=True, err_msg=c)
     assert set(again.trials["arch"]) == {"cnn", "resnet"} and len(again.trials) == 16
+
+
+@pytest.mark.fast
+def test_pokestudy_new_writes_a_starting_spec_that_loads_and_never_overwrites(tmp_path: Path):
+    made = pokestudy("new", "mine", cwd=tmp_path)
+    assert made.returncode == 0, made.stderr
+    study = spec.load(str(tmp_path / "mine.yaml"))
+    assert study.name == "mine" and study.data.split == "resample" and len(study.replicate_seeds()) == 3
+    (tmp_path / "mine.yaml").write_text("edited")
+    again = pokestudy("new", "mine", cwd=tmp_path)
+    assert again.returncode == 2 and "exists" in again.stderr and len(again.stderr.strip().splitlines()) == 1
+    assert (tmp_path / "mine.yaml").read_text() == "edited", "a user's edits are never overwritten"
