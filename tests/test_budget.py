@@ -98,7 +98,7 @@ def test_the_summary_shows_the_pilot_that_chose_the_budget(tmp_path: Path):
     rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:4]] for line in section.splitlines()
             if line.startswith(("| cnn", "| resnet"))}
     assert rows == {"cnn": ["40", "60"], "resnet": ["40", "60"]}, "validation accuracy in % at 5 and 10 epochs"
-    assert "Budget check: not checked" in summary, "one replicate at 2x: too few pairs to label, so not checked"
+    assert "Budget check: not checked" in summary, "one replicate at 2x: too few replicates to label, so not checked"
 
 
 @pytest.mark.fast

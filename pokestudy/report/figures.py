@@ -175,9 +175,11 @@ def scaling(df: pd.DataFrame, sizes: "Sizes", classes: int, out: Path) -> Path:
 
 
 def effects_over_epochs(df: pd.DataFrame, confidence: float, out: Path) -> Path | None:
-    """The paired difference in gap between each factor's levels, epoch by epoch, with its interval
-    band at the verdicts' family-wise `confidence` (so the last epoch's band is the verdict's interval):
-    an effect that shrinks to 0 by the end only delayed the gap; one that stays away from 0 moved it."""
+    """The paired difference in gap between each factor's levels, epoch by epoch, one value per replicate
+    (the mean of its pairs over the other factors' cells, as a verdict takes it) and a band at the
+    verdicts' family-wise `confidence` over replicates (a plain t band, so under an adaptive design's
+    Stein intervals the last epoch's band is not the verdict's): an effect that shrinks to 0 by the end
+    only delayed the gap; one that stays away from 0 moved it."""
     names = factors(df)
     pairs = [(f, level, ls[0]) for f, ls in levels(df).items() for level in ls[1:]
              if {level, ls[0]} <= set(df[column(f)])]  # levels with finished trials (a running study may lack some)
@@ -200,12 +202,13 @@ def effects_over_epochs(df: pd.DataFrame, confidence: float, out: Path) -> Path 
             values = np.pad(values, ((0, 0), (0, n - values.shape[1])), mode="edge")
             return values[[names.index(k) for k in keys]]
 
-        diff = (aligned(level) - aligned(reference)) * 100
+        per_pair = pd.DataFrame((aligned(level) - aligned(reference)) * 100)
+        diff = per_pair.groupby([k.rsplit("|", 1)[-1] for k in keys]).mean().to_numpy()  # one row per replicate
         mean = diff.mean(0)
         epochs = np.arange(1, n + 1)
         ax.plot(epochs, mean, "C0")
         bands = [mean_interval(diff[:, e], confidence) for e in range(n)]
-        if bands[0].lo == bands[0].lo:  # enough pairs for an interval
+        if bands[0].lo == bands[0].lo:  # enough replicates for an interval
             ax.fill_between(epochs, [b.lo for b in bands], [b.hi for b in bands], color="C0", alpha=0.25)
         ax.axhline(0, color="black", lw=0.5)
         ax.set_title(f"{factor}: {level} − {reference}", fontsize=9)
@@ -216,7 +219,7 @@ def effects_over_epochs(df: pd.DataFrame, confidence: float, out: Path) -> Path 
         ax.set_ylabel("Δ gap (points)")
     for ax in axes[-1]:
         ax.set_xlabel("epoch")
-    fig.suptitle(f"paired difference in train − test gap per epoch ({100 * confidence:.2f}% band over matched pairs: "
+    fig.suptitle(f"paired difference in train − test gap per epoch ({100 * confidence:.2f}% band over replicates: "
                  "the verdicts' family-wise level)", fontsize=10)
     return _save(fig, out / "effects_over_epochs.png")
 

@@ -127,11 +127,11 @@ def _replicates(spec: Study, provenance: dict) -> str:
     """What a replicate varies, and whether the study stopped on its wall-clock budget."""
     if spec.data.split == "resample":
         text = (f"Each replicate resamples the train / validation / test split (seed {spec.data.split_seed} + its "
-                "number) and seeds the initialisation, batch order and augmentation; the conditions of one "
+                "number) and seeds the initialisation, batch order and random transforms; the conditions of one "
                 "replicate share its split, so their differences are paired.")
     else:
         text = (f"Every trial uses one fixed split (seed {spec.data.split_seed}): the replicates vary the "
-                "initialisation, batch order and augmentation only, so no interval covers another split.")
+                "initialisation, batch order and random transforms only, so no interval covers another split.")
     if spec.adaptive:
         text += (f" Replicates are adaptive: {spec.adaptive.min} first, then as many as their variance asks for, "
                  f"at most {spec.adaptive.max}.")
