@@ -144,7 +144,7 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--eval", action="append", metavar="NAME=PATH",
                    help="an outside evaluation set (a folder, one sub-folder per class); repeatable")
     t.add_argument("--device")
-    t.add_argument("--precision", help="fp32, bf16 or auto (default: bf16 where the GPU or CPU has it natively)")
+    t.add_argument("--precision", help="fp32, bf16 or auto (default, fp32 until the precision study's verdict)")
     _near_arg(t)
     t.add_argument("--json", action="store_true", help="one JSON object per epoch, then a final summary")
     t.set_defaults(func=_train)
@@ -195,8 +195,9 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--res", type=int, default=64)
     b.add_argument("--arch", default="cnn")
     b.add_argument("--trials", type=int, default=8, help="short trials in the study-overhead measurement")
-    b.add_argument("--precision", default="auto", help="the engine's: fp32, bf16 or auto (default: bf16 where "
-                                                       "native); the FLOP roof is a matmul of the same precision")
+    b.add_argument("--precision", default="auto", help="the engine's: fp32, bf16 or auto (default: fp32 until the "
+                                                       "precision study's verdict); the FLOP roof is a matmul of "
+                                                       "the same precision")
     b.add_argument("--json", action="store_true")
     b.set_defaults(func=_bench)
 
@@ -239,6 +240,7 @@ def _run(args: argparse.Namespace) -> int:
 
 def _run_study(args: argparse.Namespace) -> int:
     from pokestudy import api
+    from pokestudy.study import runner
 
     try:
         api.run(args.study, storage=args.storage, results=args.results, budget=args.budget,
@@ -249,6 +251,8 @@ def _run_study(args: argparse.Namespace) -> int:
     except api.NothingFinished as e:
         print(f"pokestudy: {e}", file=sys.stderr)
         return 1
+    except runner.BudgetSpent as e:  # a budget is a plan, not a failure: exit 0, and the rerun continues
+        print(f"pokestudy: {e}", file=sys.stderr)
     return 0
 
 
@@ -333,7 +337,8 @@ def _studies(args: argparse.Namespace) -> None:
         try:
             record = StudyRecord.from_study(study)
             print(f"{'':<{width}}{provenance_line(record.provenance)}")
-            print(f"{'':<{width}}{_replicates_line(record.study, study)}")
+            if ".tune." not in s.study_name:  # a tuning stage carries its study's spec, not its replicates
+                print(f"{'':<{width}}{_replicates_line(record.study, study)}")
         except RecordError:
             print(f"{'':<{width}}(no pokestudy record: made by another tool or version)")
 

@@ -6,8 +6,8 @@ summary. Every metric is measured the same way (eval mode, no augmentation), so
 separate number, `train_acc_augmented`.
 
 `precision: bf16` runs the forward pass and the loss under bfloat16 autocast, in training and in
-evaluation, with fp32 master weights; `fp32` runs no autocast. Which one a study gets by default is
-the hardware's answer (`default_precision`), resolved once when the study is created.
+evaluation, with fp32 master weights; `fp32` runs no autocast. What `auto` becomes
+(`default_precision`: fp32 until the precision study's verdict) is resolved once, when the study is created.
 
 The learning rate follows a schedule fixed in advance (`Schedule`: warm-up, then decay to 0 over
 the budget) that reads nothing measured, so every condition of a study trains with the same
@@ -72,7 +72,7 @@ class TrialConfig(BaseModel):
     eval_subset: int = Field(512, ge=0)  # before the last quarter, clean train accuracy on this many images (0: all)
     seed: int = 0
     device: str = "auto"
-    precision: Precision = "fp32"  # bf16: autocast forward and loss, fp32 weights; studies default per hardware
+    precision: Precision = "fp32"  # bf16: autocast forward and loss, fp32 weights
 
     def __init__(self, **values: object) -> None:
         try:

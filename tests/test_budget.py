@@ -77,8 +77,8 @@ def test_a_claim_whose_label_changes_at_twice_the_budget_is_budget_dependent(tmp
     assert verdicts.loc["treatment=early vs ref", "verdict"] == "closes the gap", "the study's budget, 4 seeds"
     assert verdicts.loc["treatment=early vs ref", "budget_check"] == "budget-dependent"
     summary = (tmp_path / "budgets" / "summary.md").read_text()
-    assert "of 3 claims: 1 holds, 1 budget-dependent, 1 undecided at both budgets. Budget-dependent: treatment=early vs ref (closes the gap →" \
-        in summary
+    assert ("of 3 claims: 1 holds, 1 budget-dependent, 1 undecided at both budgets. "
+            "Budget-dependent: treatment=early vs ref (closes the gap →") in summary
     trials = pd.read_csv(tmp_path / "budgets" / "trials.csv")
     assert sorted(trials["budget"].unique()) == [1, 2] and (trials[trials["budget"] == 2]["epochs"] == 10).all()
 

@@ -89,7 +89,8 @@ def test_auto_resolves_into_the_design_and_fp32_keeps_the_identity_studies_had_b
     assert auto.with_precision("fp32").design() == spec.load("smoke").design()
     assert TrialConfig.from_dict(auto.with_precision("bf16").settings(auto.conditions()[0])).precision == "bf16"
     explicit = spec.parse(spec.available()["smoke"].replace("fixed: {", "fixed: {precision: fp32, "), "smoke.yaml")
-    assert explicit.with_precision("bf16") == explicit, "a precision the spec names is kept"
+    kept = explicit.with_precision("bf16")
+    assert TrialConfig.from_dict(kept.settings(kept.conditions()[0])).precision == "fp32", "a named one is kept"
     study = spec.load("precision")
     assert study.with_precision("bf16") == study, "a factor sets it: nothing to resolve"
     assert record.precisions(study) == ["bf16", "fp32"] and len(study.trials()) == 12
@@ -126,3 +127,10 @@ def test_the_bench_runs_its_study_and_its_roof_in_the_engine_precision(tmp_path:
     assert [TrialConfig.from_dict(w.settings).precision for w in study.trials()] == [precision]
     assert bench.matmul_flops(torch.device("cpu"), precision, n=64, repeat=1, windows=1) > 0
     assert bench.bench_precision("auto", torch.device("cpu")) == default_precision("cpu")
+
+
+@pytest.mark.fast
+def test_naming_fp32_is_the_same_experiment_as_leaving_precision_out():
+    named = spec.parse("name: x\nfactors: {arch: [cnn]}\nreplicates: 3\nfixed: {precision: fp32}\n", "x.yaml")
+    implicit = spec.parse("name: x\nfactors: {arch: [cnn]}\nreplicates: 3\n", "x.yaml")
+    assert named.with_precision("bf16").design() == implicit.with_precision("fp32").design()

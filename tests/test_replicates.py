@@ -143,3 +143,13 @@ def test_a_study_stored_before_resampled_splits_reads_as_one_fixed_split():
     assert StudyRecord(spec=old, identity={}, data={}, provenance={}).study.data.split == "fixed"
     new = spec.load("smoke").model_dump(mode="json")
     assert StudyRecord(spec=new, identity={}, data={}, provenance={}).study.data.split == "resample"
+
+
+def test_an_adaptive_study_whose_pilot_trial_fails_stops_and_says_so(tmp_path: Path, ray_local, capsys):
+    path = write_spec(tmp_path, name="adaptive-fail", seeds=[], replicates={"min": 3, "max": 4},
+                      factors={"lr": [0.01, 1e30]}, fixed={"arch": "cnn", "width": 4, "epochs": 1, "batch_size": 16})
+    url = f"sqlite:///{tmp_path / 'db.sqlite'}"
+    stored = runner.run_study(spec.load(str(path)), storage=url, results=tmp_path, study_name="adaptive-fail")
+    assert "a pilot trial failed, so the rest cannot be planned" in capsys.readouterr().err
+    assert len(stored.get_trials(states=(TrialState.FAIL,))) == 3, "each diverging trial ran once, not forever"
+    assert "replicates_planned" not in stored.user_attrs

@@ -10,9 +10,9 @@ import logging
 import os
 import signal
 import socket
+import statistics
 import sys
 import threading
-import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -249,11 +249,12 @@ class Driver:
             tune_config=tune.TuneConfig(search_alg=feeder(slots, cpus, clock), scheduler=scheduler,
                                         num_samples=len(slots),
                                         metric="val_acc" if scheduler else None, mode="max" if scheduler else None,
-                                        max_concurrent_trials=self.max_concurrent, reuse_actors=True,
+                                        max_concurrent_trials=self._concurrency(clock), reuse_actors=True,
                                         trial_dirname_creator=lambda t: t.trial_id),
             run_config=tune.RunConfig(
                 name=f"{name}-{int(time.time())}", storage_path=str((self.results / ".ray").resolve()),
-                verbose=2 if self.verbose else 0, callbacks=[_bridge(owner, distributions or {}, tuned, progress, clock)],
+                verbose=2 if self.verbose else 0,
+                callbacks=[_bridge(owner, distributions or {}, tuned, progress, clock)],
                 failure_config=tune.FailureConfig(max_failures=self.spec.resources.retries), stop=_when_stopping()),
         )
         _STOPPING.clear()  # a stop asked of an earlier run in this process (`run_study` called in-process) is spent
@@ -265,6 +266,18 @@ class Driver:
         print(file=sys.stderr)
         if stopping():  # between Tune's steps: every trial is stored whole or left RUNNING for the rerun
             raise KeyboardInterrupt
+
+    def _concurrency(self, clock: Clock) -> int | None:
+        """At most this many trials at once: the user's limit, or under a budget as many as the cluster
+        holds (Tune otherwise asks for one trial more than it can run, which would start later than the
+        clock judged it)."""
+        if self.max_concurrent or clock.deadline is None:
+            return self.max_concurrent
+        have = self.cluster()
+        slots = have.get("CPU", 1) // self.spec.resources.cpus
+        if self.gpus:
+            slots = min(slots, have.get("GPU", 0) // self.gpus)
+        return max(1, int(slots))
 
     def _epoch_cap(self) -> int:
         return max(TrialConfig.from_dict(self.spec.settings(c)).epochs for c in self.spec.conditions())

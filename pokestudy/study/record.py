@@ -156,7 +156,8 @@ def differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
         out.append(f"data: {o['source']} → {n['source']}")
     elif o["fingerprint"] != n["fingerprint"]:
         out.append(f"data files changed (fingerprint {o['fingerprint']} → {n['fingerprint']})")
-    keys = ("res", "split", "split_seed", "fractions", "evals", "near_duplicates")  # optional ones: older identities lack them
+    # the optional ones: older identities lack them
+    keys = ("res", "split", "split_seed", "fractions", "evals", "near_duplicates")
     out += [f"data.{k}: {o.get(k, '(none)')} → {n.get(k, '(none)')}" for k in keys if o.get(k) != n.get(k)]
     flat_old, flat_new = _flatten(old["design"]), _flatten(new["design"])
     for k in sorted(set(flat_old) | set(flat_new)):

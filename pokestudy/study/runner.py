@@ -74,13 +74,12 @@ def run_study(spec: Study, *, storage: str, results: Path, study_name: str, data
         plan, final = _stage(spec, best, storage, study_name, identity["digest"])
         done = finished(storage, study_name, identity["digest"])
         todo = [w for w in plan if w.key not in done]
-        if (not todo and final) or clock.refused:
-            if clock.refused:
-                print(f"study {study_name}: budget spent while tuning; rerun with a larger --budget to continue",
-                      file=sys.stderr)
-            else:
-                print(f"study {study_name} is already finished ({len(plan)} trials); re-exporting its results",
-                      file=sys.stderr)
+        if clock.refused:
+            raise BudgetSpent(f"study {study_name}: budget spent while tuning; rerun with a larger --budget to "
+                              "continue")
+        if not todo and final:
+            print(f"study {study_name} is already finished ({len(plan)} trials); re-exporting its results",
+                  file=sys.stderr)
             return stored or optuna.load_study(study_name=study_name, storage=open_storage(storage))
         driver.start_ray()
         store = Store(storage, study_name, study_record(), artifact_store(results), trial_figure=trial_figure)
@@ -99,10 +98,17 @@ def run_study(spec: Study, *, storage: str, results: Path, study_name: str, data
             if final or clock.refused:
                 break
             plan, final = _stage(spec, best, storage, study_name, identity["digest"])
+            if not final:  # a pilot trial failed (its error is stored): planning needs the whole pilot
+                print(f"study {study_name}: a pilot trial failed, so the rest cannot be planned; see its error "
+                      "(`pokestudy dashboard`), then rerun to retry it", file=sys.stderr)
+                break
             todo = [w for w in plan if w.key not in finished(storage, study_name, identity["digest"])]
-            store.study.set_user_attr("replicates_planned", len({w.seed for w in plan}))
             print(f"study {study_name}: the pilot's variance asks for {len({w.seed for w in plan})} replicates in "
                   f"all (at most {spec.adaptive.max}); {len(todo)} more trials", file=sys.stderr)
+        if spec.adaptive and final:
+            store.study.set_user_attr("replicates_planned", len({w.seed for w in plan}))
+        if not final:  # what is left is the pilot's rest and every replicate it would plan, at least up to min
+            plan = spec.trials(best)
         left = len(plan) - len(finished(storage, study_name, identity["digest"]).keys() & {w.key for w in plan})
         prov = {**records.StudyRecord.from_study(store.study).provenance,
                 "finished": None if clock.refused else records.now()}
@@ -116,6 +122,10 @@ def run_study(spec: Study, *, storage: str, results: Path, study_name: str, data
         return store.study
     finally:
         lock.close()
+
+
+class BudgetSpent(Exception):
+    """The wall-clock budget ran out before a trial of the study itself could start (while tuning)."""
 
 
 def _stage(spec: Study, best: dict | None, storage: str, study_name: str,

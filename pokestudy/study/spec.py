@@ -296,8 +296,8 @@ class Study(Strict):
         it. The runner resolves it once, when the study is created, so it is part of the identity and a
         resumed study keeps it on other hardware. fp32, TrialConfig's default, stays implicit: a study
         made before `precision` existed keeps its identity."""
-        if self.fixed.get("precision", "auto") != "auto":
-            return self
+        named = self.fixed.get("precision", "auto")
+        chosen = chosen if named == "auto" else named  # a precision the spec names is kept, fp32 implicitly
         by_factor = any(f == "precision" if isinstance(levels, list) else any("precision" in b for b in levels.values())
                         for f, levels in self.factors.items())
         fixed = {k: v for k, v in self.fixed.items() if k != "precision"}
