@@ -38,8 +38,8 @@ def run_study(spec: Study, *, storage: str, results: Path, study_name: str, data
     Everything a user can get wrong (flags, results folder, storage URL, data, identity, Ray address, a
     trial larger than any Ray node) is checked before the first write to the storage. `trial_figure`,
     when given, draws each finished trial for its page in the dashboard. `budget` (seconds of wall
-    clock from now) starts no trial that the measured trial times say cannot finish in it; the trials
-    left wait for a rerun.
+    clock from now) starts a trial only while the measured trial times say it can finish in it; the
+    trials left wait for a rerun.
     """
     _check_limits(max_concurrent, gpus_per_trial, budget)
     clock = Clock(None if budget is None else time.time() + budget)
@@ -154,9 +154,8 @@ def _planned(spec: Study, study: optuna.Study) -> int:
 def replicates_done(spec: Study, study: optuna.Study) -> int:
     """How many of the spec's replicates have every condition's trial at the study's budget COMPLETE."""
     keys = {t.user_attrs.get("key") for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))}
-    cells = [condition_id(c) for c in spec.conditions()]
-    return sum(all(f"{c}/seed={s}" in keys for c in cells) for s in spec.replicate_seeds(spec.adaptive.max
-                                                                                         if spec.adaptive else None))
+    works = [w for w in spec.trials(planned=spec.adaptive.max if spec.adaptive else None) if w.budget == 1]
+    return sum(all(w.key in keys for w in works if w.seed == s) for s in {w.seed for w in works})
 
 
 def _check_identity(stored: optuna.Study | None, identity: dict, name: str) -> str:
