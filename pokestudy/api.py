@@ -86,6 +86,30 @@ def results(name: str, *, storage: str | None = None, results: str | Path = "res
     return _frames(name, analyse(storage_url(storage, results), name))
 
 
+def export_study(name: str, dest: str | Path | None = None, *, storage: str | None = None,
+                 results: str | Path = "results") -> Path:
+    """Copy study `name` (its tuning stages, every trial, the files attached) into a folder, by default
+    `results/NAME/archive`, that `import_study` reads into any other storage; returns the folder."""
+    from pokestudy.study import exchange
+
+    folder = Path(dest) if dest is not None else Path(results) / name / "archive"
+    names, missing = exchange.export(storage_url(storage, results), name, Path(results), folder)
+    lost = f"; {missing} attached files were missing from {Path(results) / '.artifacts'}" if missing else ""
+    print(f"exported {', '.join(names)} to {folder}{lost}", file=sys.stderr)
+    return folder
+
+
+def import_study(src: str | Path, *, storage: str | None = None, results: str | Path = "results") -> list[str]:
+    """Copy an exported study folder into `storage`: a rerun of its spec there continues it, a report
+    reads it; returns the study names imported."""
+    from pokestudy.study import exchange
+
+    url = storage_url(storage, results)
+    names = exchange.import_(Path(src), url, Path(results))
+    print(f"imported {', '.join(names)} into {url}", file=sys.stderr)
+    return names
+
+
 def _frames(name: str, done: Analysed) -> Results:
     from pokestudy.report.tables import public
 

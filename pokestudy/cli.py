@@ -14,6 +14,7 @@ import signal
 import socket
 import sys
 from pathlib import Path
+from typing import Any
 
 from pokestudy import UserError
 
@@ -182,6 +183,18 @@ def parser() -> argparse.ArgumentParser:
     _storage_args(cmp)
     cmp.set_defaults(func=_compare)
 
+    ex = sub.add_parser("export", help="copy a study (tuning stages, trials, attached files) into a folder that "
+                                       "`pokestudy import` reads into another storage")
+    ex.add_argument("--study", required=True)
+    ex.add_argument("dest", nargs="?", type=Path, help="the folder (default: RESULTS/STUDY/archive)")
+    _storage_args(ex)
+    ex.set_defaults(func=lambda a: _api("export_study", a.study, a.dest, storage=a.storage, results=a.results))
+
+    im = sub.add_parser("import", help="copy an exported study folder into the storage: a rerun continues it")
+    im.add_argument("src", type=Path, help="a folder written by `pokestudy export`")
+    _storage_args(im)
+    im.set_defaults(func=lambda a: _api("import_study", a.src, storage=a.storage, results=a.results))
+
     new = sub.add_parser("new", help="write NAME.yaml, a commented starting spec for a study of your own")
     new.add_argument("name", help="the study's name (letters, digits, . _ -)")
     new.set_defaults(func=_new)
@@ -254,6 +267,13 @@ def _run_study(args: argparse.Namespace) -> int:
     except runner.BudgetSpent as e:  # a budget is a plan, not a failure: exit 0, and the rerun continues
         print(f"pokestudy: {e}", file=sys.stderr)
     return 0
+
+
+def _api(function: str, *args: Any, **kwargs: Any) -> None:
+    """A command that is one call of the Python API."""
+    from pokestudy import api
+
+    getattr(api, function)(*args, **kwargs)
 
 
 def _duration(text: str) -> float:
