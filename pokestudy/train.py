@@ -289,7 +289,7 @@ def run_trial(cfg: TrialConfig, data: Prepared, on_epoch: Callable[[Record], Non
     """
     device = resolve_device(cfg.device)
     keep_freed_memory()
-    data = data.keep_fraction(cfg.train_fraction, cfg.seed)
+    data = data.keep_fraction(cfg.train_fraction, cfg.seed).at_res(cfg.res)
     torch.manual_seed(cfg.seed)
     gen = torch.Generator(device).manual_seed(cfg.seed)
     x_pool, y_pool = _training_pool(cfg, data, device, gen)

@@ -12,11 +12,12 @@ import json
 import os
 import statistics
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from pokestudy import UserError, __version__
 from pokestudy.data import near, sources
@@ -76,6 +77,23 @@ class Prepared:
         idx = torch.cat(keep).sort().values
         return Prepared(sets={**self.sets, "train": (x[idx], y[idx])}, classes=self.classes, manifest=self.manifest,
                         train_groups=self.train_groups[idx], near_groups=self.near_groups)
+
+    def at_res(self, res: int, chunk: int = 512) -> "Prepared":
+        """The same images at `res` pixels, area-averaged from the resolution they were decoded at, so a
+        study with `res` as a factor decodes its data once, at the largest level (`data.res`)."""
+        have = self.sets["train"][0].shape[-1]
+        if res == have:
+            return self
+        if res > have:
+            raise UserError(f"cannot train at {res} px on images decoded at {have} px; decode at {res} (data.res)")
+
+        def shrink(x: torch.Tensor) -> torch.Tensor:
+            parts = [F.interpolate(p.float(), size=(res, res), mode="area").round_().to(torch.uint8)
+                     for p in x.split(chunk)]
+            return torch.cat(parts) if parts else x.new_zeros((0, x.shape[1], res, res))
+
+        return replace(self, sets={k: (shrink(x), y) for k, (x, y) in self.sets.items()})
+
 
 
 def check_res(res: int) -> None:

@@ -199,10 +199,12 @@ def _publish(url: str, study: optuna.Study, results: Path, pngs: list[Path], not
         else:
             published[path.name] = upload_artifact(artifact_store=store, file_path=str(path), study_or_trial=study,
                                                    mimetype="image/png")
+    # Optuna 5.0.0 has no public study id (Study._study_id is private); the dashboard's artifact URLs hold it
     study_id = storage(url).get_study_id_from_name(study.study_name)
     save_note(study, note({p.name: f"/artifacts/{study_id}/{published[p.name]}" for p in pngs}))
     fixed = StudyRecord.from_study(study).spec["fixed"]
     for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):  # each trial's page, current format
+        # save_note needs an optuna.Trial; no public call of Optuna 5.0.0 gives one for a finished trial
         trial_id = storage(url).get_trial_id_from_study_id_trial_number(study_id, t.number)
         save_note(optuna.Trial(study, trial_id), TrialRecord.from_trial(t).note(fixed))
 

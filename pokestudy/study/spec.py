@@ -24,7 +24,8 @@ from pokestudy.data import MAX_RES, MIN_RES
 from pokestudy.train import MODEL_PREFIX, TrialConfig
 
 STUDIES = resources.files("pokestudy") / "studies"  # shipped inside the package: works after `pip install .`
-SETTINGS = set(TrialConfig.model_fields) - {"seed", "device", "res"}
+# `res` may be a factor (its levels at most `data.res`, the resolution images are decoded at), not a fixed setting
+SETTINGS = set(TrialConfig.model_fields) - {"seed", "device"}
 TUNING_SEEDS = 10_000  # tuning trials' seeds start here; replicates' stay below
 Scalar = str | int | float | bool
 
@@ -187,6 +188,8 @@ class Study(Strict):
             raise ValueError(f"replicates: give 1 to {TUNING_SEEDS}")
         if isinstance(self.replicates, Adaptive) and self.replicates.max > TUNING_SEEDS:
             raise ValueError(f"replicates.max: at most {TUNING_SEEDS}")
+        if "res" in self.fixed:
+            raise ValueError(f"give the resolution as data.res (now {self.data.res}), or as a factor, not as fixed.res")
         if unknown := _unknown(self.fixed):
             raise ValueError(f"unknown fixed setting(s) {', '.join(unknown)}; "
                              f"known: {', '.join(sorted(SETTINGS))} and the model's own, model.NAME")
@@ -197,7 +200,9 @@ class Study(Strict):
             raise ValueError(f"{', '.join(sorted(tuned & set(self.fixed)))} is both fixed and tuned; keep one")
         concrete = self.with_precision("fp32")  # `precision: auto` is resolved when the study is created
         for cond in concrete.conditions():
-            TrialConfig.from_dict(concrete.settings(cond))
+            if (res := TrialConfig.from_dict(concrete.settings(cond)).res) > self.data.res:
+                raise ValueError(f"a condition trains at res {res}, above data.res {self.data.res}: images are "
+                                 f"decoded once at data.res and shrunk per trial, so set data.res: {res}")
         levels = self.levels()
         for c in self.report.contrasts:
             if c.factor not in levels or {c.level, c.reference} - set(levels[c.factor]):

@@ -150,6 +150,7 @@ class Store:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             self.study.set_metric_names([OBJECTIVE])
+        # Optuna 5.0.0 has no public study id (Study._study_id is private); start and complete need it below
         self.study_id = self.storage.get_study_id_from_name(study_name)
         self.identity = record.identity["digest"]
         self.open: dict[str, optuna.Trial] = {}
@@ -169,6 +170,7 @@ class Store:
         p = params(work, tuned)
         template = create_trial(state=TrialState.RUNNING, params=p, distributions={k: distributions[k] for k in p},
                                 user_attrs=self._identity(work))
+        # Optuna 5.0.0: no public call opens a RUNNING trial with params in one write (enqueue_trial + ask take several)
         self.open[work.key] = optuna.Trial(self.study, self.storage.create_new_trial(self.study_id, template))
 
     def adopt(self, work: Work, trial: optuna.Trial) -> None:
@@ -201,6 +203,7 @@ class Store:
             seconds=final["seconds"], images_per_s=final["images_per_s"],
             final={k: v for k, v in final.items() if k not in ("epoch", "seconds", "images_per_s", "lr")},
             history=history, split_seed=work.split_seed)
+        # Optuna 5.0.0 has no Trial.set_system_attr; a user attr would put the record in every dashboard page load
         trial_id = self.storage.get_trial_id_from_study_id_trial_number(self.study_id, trial.number)
         self.storage.set_trial_system_attr(trial_id, TrialRecord.ATTR, record.attrs())
         for k, v in record.display().items():
