@@ -37,3 +37,21 @@ def not_a_module(num_classes: int, res: int) -> str:
 def no_res(num_classes: int) -> nn.Module:
     """Breaks the contract: no `res` argument."""
     return nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(3, num_classes))
+
+
+class _Sized(nn.Module):
+    """Refuses input of any other size than the resolution it was built for."""
+
+    def __init__(self, num_classes: int, res: int):
+        super().__init__()
+        self.res, self.head = res, nn.Linear(3, num_classes)
+
+    def forward(self, x):
+        if x.shape[-2:] != (self.res, self.res):
+            raise ValueError(f"built for {self.res} px, given {tuple(x.shape[-2:])}")
+        return self.head(x.mean((2, 3)))
+
+
+def sized(num_classes: int, res: int) -> nn.Module:
+    """A model that fails its trial unless the trial's images are at the resolution it was built for."""
+    return _Sized(num_classes, res)
