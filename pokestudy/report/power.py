@@ -169,7 +169,8 @@ def sentences(verdicts: pd.DataFrame, delta: float, size: int, pilot_n: int | No
             lines.append(f"- {r['claim']}: not known yet ({r['replicates']} replicate(s), no SD)")
             continue
         n, longer = need[r["claim"]], "; and first a longer budget" if r["verdict"] == UNCONVERGED else ""
-        over = f"the {pilot_n}-replicate pilot" if pilot_n else str(r["replicates"])
+        over = (str(r["replicates"]) if not pilot_n else f"the {pilot_n}-replicate pilot" if r["replicates"] >= pilot_n
+                else f"{r['replicates']} replicate(s) of the {pilot_n}-replicate pilot")
         lines.append(f"- {r['claim']}: {f'about {n}' if n else f'more than {ceiling}'} replicates (SD "
                      f"{100 * r['gap_sd']:.2f} points over {over}){longer}")
     beyond = [c for c in undecided["claim"] if c in need and need[c] is None]

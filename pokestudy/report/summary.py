@@ -158,17 +158,28 @@ def _family(analysis: Analysis, delta: float) -> str:
             "(level − reference) in the gap and in test accuracy, one value per replicate: the mean of that "
             "replicate's pairs (same replicate, same levels of the other factors) over the grid's cells. The "
             "replicate is the unit: its conditions share its split, so its pairs are not independent; a replicate "
-            f"missing a cell of a claim is left out of it. {_intervals(analysis.pilot_n)}"
+            f"missing a cell of a claim is left out of it. {_intervals(analysis.pilot_n, _replicates(analysis))}"
             f"**Family: {analysis.size}** = {' + '.join(parts)}: every interval is at "
             f"{100 * analysis.confidence:.2f}% and every test at α/{analysis.size} (Bonferroni), so all hold together "
             f"with probability ≥ {100 * (1 - ALPHA):.0f}%.{simple} A main effect is an average over the grid of the "
             f"other factors; where it may vary, its simple effects follow. Equivalence margin ±{delta:g} points.")
 
 
-def _intervals(pilot_n: int | None) -> str:
-    """How the intervals were made: plain t, or Stein's two-stage design when the replicates were planned."""
+def _replicates(analysis: Analysis) -> int:
+    """The most replicates any claim rests on."""
+    done = pd.to_numeric(analysis.verdicts["replicates"], errors="coerce").max()
+    return 0 if pd.isna(done) else int(done)
+
+
+def _intervals(pilot_n: int | None, done: int) -> str:
+    """How the intervals were made: plain t, or Stein's two-stage design when the replicates were planned
+    (not yet, while the pilot is unfinished: its intervals are then plain t on what ran)."""
     if pilot_n is None:
         return "Intervals are t-intervals over replicates. "
+    if done < pilot_n:
+        return (f"Replicates are planned by Stein's two-stage rule from a pilot of {pilot_n}, but only {done} of the "
+                "pilot's replicates have run (rerun the study to continue), so nothing is planned yet: each interval "
+                f"is a plain t-interval over the {done} replicate(s) that ran. ")
     return (f"The replicates were planned by Stein's two-stage rule: after a pilot of {pilot_n}, as many as make "
             "every claim's interval narrower than ±δ/2 from the pilot's variances alone (never its means), up to "
             "the spec's maximum; each interval is the mean over all replicates ± t on the pilot's "
