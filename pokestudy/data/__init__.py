@@ -24,7 +24,7 @@ from pokestudy.data import near, sources
 from pokestudy.data.split import SPLITS, split
 from pokestudy.models import MIN_RES
 
-CACHE_FORMAT = 5  # bump when decoding changes, so old caches are rebuilt
+CACHE_FORMAT = 6  # bump when decoding or matching changes, so old caches are rebuilt (6: `near.TOP`)
 MAX_RES = 1024  # the one resolution bound of the package: MIN_RES comes from the models
 
 

@@ -1,0 +1,42 @@
+"""The crop matcher's candidates: each picture's few strongest partners, so the geometric checks grow with
+the number of pictures, and a rough copy's original is still among them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pokestudy.data import near
+from pokestudy.data.images import open_raster
+
+FIXTURES = Path(__file__).parent / "fixtures" / "pokemon"
+pytestmark = pytest.mark.fast
+
+
+def test_strongest_keeps_each_owners_k_largest_ties_first_come():
+    owner = np.array([0, 1, 0, 0, 1, 2, 0])
+    strength = np.array([0.5, 0.1, 0.9, 0.5, 0.3, 0.2, 0.1])
+    assert sorted(near.strongest(owner, strength, 2).tolist()) == [0, 1, 2, 4, 5]
+
+
+def test_candidates_stay_few_per_picture_and_keep_the_copies_originals():
+    pictures = [open_raster(p.read_bytes()) for p in sorted(FIXTURES.rglob("*.jpg"))]
+    rng = np.random.default_rng(0)
+    copies = []
+    for img in pictures:  # a crop to 50-60% of the frame at a random offset, rescaled
+        w, h = img.size
+        cw, ch = int(w * rng.uniform(0.5, 0.6)), int(h * rng.uniform(0.5, 0.6))
+        x, y = int(rng.integers(w - cw + 1)), int(rng.integers(h - ch + 1))
+        copies.append(img.crop((x, y, x + cw, y + ch)).resize((128, 128), Image.Resampling.BILINEAR))
+    feats = near.Features.stack([near.features(i) for i in pictures + copies])
+    n = len(pictures)
+    pairs = near.candidate_pairs(feats)
+    assert len(pairs) <= near.TOP * len(feats)
+    voted = np.unique(np.sort(feats.owners()[np.stack(near.close_descriptors(feats), 1)], 1), axis=0)
+    assert len(voted) > len(pairs)  # the ranking dropped pairs that votes alone would have checked
+    found = {(int(i), int(j)) for i, j in pairs}
+    kept = sum((k, k + n) in found for k in range(n))
+    assert kept >= n - 1  # (15 of 15 here): a copy shares its rarest corners with its original
