@@ -77,7 +77,8 @@ def read(study: optuna.Study) -> Trials:
         book = {**{column(f): v for f, v in r.condition.items()}, "condition": condition_id(r.condition),
                 "seed": r.seed, "split_seed": info.data["split_seed"] if r.split_seed is None else r.split_seed,
                 "trial": t.number, "budget": r.budget, "converged": r.converged, "epochs": r.epochs,
-                "best_epoch": r.best_epoch, "seconds": r.seconds, "settings": r.settings, "history": r.history}
+                "best_epoch": r.best_epoch, "seconds": r.seconds, "settings": r.settings, "history": r.history,
+                **{k: getattr(r, k) for k in TrialRecord.PLACEMENT}}
         rows.append({**book, **{k: v for k, v in r.final.items() if k not in book}})  # bookkeeping is never overwritten
     if not rows:
         raise UserError(f"study {study.study_name!r} has no finished trials yet; run it with "

@@ -17,12 +17,16 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from pokestudy import UserError
 from pokestudy.data import Pool
 from pokestudy.study.spec import Study, Work, condition_id
 from pokestudy.study.store import Store
-from pokestudy.train import Diverged, TrialConfig, run_trial
+from pokestudy.train import Diverged, TrialConfig, resolve_device, run_trial
+
+if TYPE_CHECKING:
+    import torch
 
 _FITTING = threading.Event()  # a Tune run is going
 _STOPPING = threading.Event()  # Ctrl-C or SIGTERM came during it: it ends after its current step
@@ -51,12 +55,29 @@ def trainable(config: dict, data: Pool) -> None:
 
     torch.set_num_threads(max(1, int(config["cpus"])))
     work = Work(**config["work"])
+    cfg = TrialConfig.from_dict(work.settings)
+    where = placement(resolve_device(cfg.device))
     try:
-        summary = run_trial(TrialConfig.from_dict(work.settings), data.split(work.split_seed), on_epoch=tune.report)
+        summary = run_trial(cfg, data.split(work.split_seed), on_epoch=tune.report)
     except Diverged as e:
         tune.report({"diverged": str(e), "val_acc": 0.0})  # ASHA ranks every result on val_acc: the worst
         return
-    tune.report({**summary["final"], "summary": summary})
+    tune.report({**summary["final"], "summary": {**summary, "placement": where}})
+
+
+def placement(device: torch.device) -> dict[str, Any]:
+    """Where this trial runs (the fields of `TrialRecord.PLACEMENT`): its Ray node and the device torch trains
+    on. Ray assigns a GPU by setting CUDA_VISIBLE_DEVICES; a torch that sees no CUDA then trains on the CPU,
+    which without this record looks like a slow GPU trial."""
+    import ray
+    import torch
+
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    assigned = os.environ.get("CUDA_VISIBLE_DEVICES")
+    return {"node_id": ray.get_runtime_context().get_node_id(), "node_ip": ray.util.get_node_ip_address(),
+            "hostname": socket.gethostname(), "device": str(device), "assigned_gpus": assigned,
+            "cpu_fallback": bool(assigned) and device.type == "cpu"}
 
 
 class Progress:

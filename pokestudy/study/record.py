@@ -61,8 +61,19 @@ class TrialRecord:
     final: dict[str, float]  # metrics at the last epoch: train_acc, val_acc, test_acc, gap, <extra>_acc, …
     history: dict[str, list[float]]  # accuracies, gaps and learning rate, per epoch
     split_seed: int | None = None  # the split it ran on; None: stored before splits were resampled, the study's
+    # Where it ran (None: stored before this was recorded): the Ray node, the device torch trained on, the GPUs
+    # Ray assigned it (CUDA_VISIBLE_DEVICES; "" none), and whether it fell back to the CPU for want of a CUDA
+    # that torch could see although a GPU was assigned
+    node_id: str | None = None
+    node_ip: str | None = None
+    hostname: str | None = None
+    device: str | None = None
+    assigned_gpus: str | None = None
+    cpu_fallback: bool | None = None
 
     ATTR: ClassVar[str] = "pokestudy:record"
+    PLACEMENT: ClassVar[tuple[str, ...]] = ("node_id", "node_ip", "hostname", "device", "assigned_gpus",
+                                           "cpu_fallback")
 
     @classmethod
     def from_trial(cls, trial: optuna.trial.FrozenTrial) -> "TrialRecord":

@@ -202,7 +202,8 @@ class Store:
             best_epoch=int(summary["best"]["epoch"]),
             seconds=final["seconds"], images_per_s=final["images_per_s"],
             final={k: v for k, v in final.items() if k not in ("epoch", "seconds", "images_per_s", "lr")},
-            history=history, split_seed=work.split_seed)
+            history=history, split_seed=work.split_seed,
+            **summary.get("placement", {}))  # a trial's summary from outside Ray (the tests') has none
         # Optuna 5.0.0 has no Trial.set_system_attr; a user attr would put the record in every dashboard page load
         trial_id = self.storage.get_trial_id_from_study_id_trial_number(self.study_id, trial.number)
         self.storage.set_trial_system_attr(trial_id, TrialRecord.ATTR, record.attrs())
