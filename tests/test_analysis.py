@@ -61,6 +61,36 @@ def test_an_effect_that_varies_across_cells_gets_its_simple_effects_and_a_unifor
     assert f"**Family: {family}**" in summary and "### Where a main effect varies" in summary
 
 
+@pytest.mark.fast
+def test_a_wider_gap_an_interaction_a_contrast_a_reversed_gap_and_the_reference_are_reported(tmp_path: Path):
+    from pokestudy.report import build
+
+    raw = {"name": "wider", "data": SYNTHETIC, "seeds": [0, 1, 2, 3], "fixed": {"width": 4},
+           "factors": {"t": {"ref": {}, "wide": {"dropout": 0.1}, "alt": {"dropout": 0.2}},
+                       "s": {"x": {}, "y": {"weight_decay": 0.01}}},
+           "report": {"contrasts": [{"factor": "t", "level": "alt", "reference": "wide"}], "interactions": [["t", "s"]],
+                      "reference": {"label": "the student report", "train_acc": 0.98, "test_acc": 0.5}}}
+
+    def outcome(c: dict, seed: int) -> tuple[float, float, bool]:
+        # gap −10 points at t=ref (test above train), 0 at t=wide, and at t=alt 0 at s=x but +20 at s=y
+        gap = -0.10 + 0.10 * (c["t"] == "wide") + (c["t"] == "alt") * (0.10 if c["s"] == "x" else 0.30)
+        return 0.8, 0.8 - gap - _jitter(c, seed), True
+
+    url, _ = _stored_study(tmp_path, raw, outcome)
+    build(url, "wider", tmp_path, ("csv",), generator="pokestudy report --study wider")
+    verdicts = pd.read_csv(tmp_path / "wider" / "verdicts.csv").set_index("claim")
+    assert verdicts.loc["t=wide vs ref", "verdict"] == "widens the gap"
+    assert verdicts.loc["t=alt vs wide", ["kind", "verdict"]].tolist() == ["contrast", "widens the gap"]
+    assert verdicts.loc["t=alt vs wide", "gap_diff"] == pytest.approx(0.10, abs=0.005), "alt's mean over s − wide's"
+    assert verdicts.loc["(t=alt − ref) at s=y vs x", "verdict"] == "the effect differs: wider gap"
+    gap = pd.read_csv(tmp_path / "wider" / "gap.csv").set_index(["t", "s"])["gap_real"]
+    assert gap[("ref", "x")].startswith("reversed [") and gap[("ref", "y")].startswith("reversed [")
+    assert gap[("alt", "y")].startswith("yes [") and gap[("wide", "x")].startswith("not distinguishable from 0")
+    summary = (tmp_path / "wider" / "summary.md").read_text()
+    assert "For comparison, the student report: 98% train vs 50% test, a gap of 48 points." in summary
+    assert "**t=alt vs wide** — widens the gap" in summary
+
+
 def _frame(seeds: int, rng: np.random.Generator, noise: float = 0.01) -> pd.DataFrame:
     """A trials frame of a 2 x 2 design (t: off/on, s: x/y): each replicate shifts every condition's gap alike
     (its split), each trial adds its own noise, t=on adds 5 points."""

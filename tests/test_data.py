@@ -61,9 +61,16 @@ def test_bad_folders_are_refused_without_writing_a_cache(tmp_path: Path, private
     assert after == before
 
 
-def test_synthetic_is_deterministic():
-    a, b = load("synthetic:classes=4,per_class=6,size=16", 32), load("synthetic:classes=4,per_class=6,size=16", 32)
-    assert torch.equal(a.images, b.images) and a.manifest["images"] == 24
+def test_synthetic_is_deterministic(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """Two cold decodes, each into a cache of its own: the second cannot read what the first wrote."""
+    decoded = []
+    for cache in ("first", "second"):
+        monkeypatch.setenv("POKESTUDY_CACHE", str(tmp_path / cache))
+        decoded.append(load("synthetic:classes=4,per_class=6,size=16", 32))
+    a, b = decoded
+    assert a.path.is_relative_to(tmp_path / "first") and b.path.is_relative_to(tmp_path / "second")
+    assert torch.equal(a.images, b.images) and torch.equal(a.labels, b.labels) and torch.equal(a.groups, b.groups)
+    assert a.manifest == b.manifest and a.manifest["images"] == 24
 
 
 def _groups_by_split(labels, groups, idx):
@@ -87,8 +94,16 @@ def test_splits_are_group_aware_stratified_and_deterministic(seed: int):
 
 
 def test_duplicates_never_straddle_a_split(messy_folder: Path):
+    """class0/copy.jpg holds 0.jpg's bytes: under the exact-bytes rule alone, split after split, the picture
+    lands in one split only, and once (the copy is dropped, not trained or tested on twice)."""
     ds = load(str(messy_folder), 32)
-    assert len(set(ds.hashes)) == len(ds.hashes)
+    picture = ds.images[ds.paths.index("class0/0.jpg")]
+    found = {}
+    for seed in range(8):
+        data = prepare(str(messy_folder), 32, split_seed=seed, near_duplicates=0)
+        found[seed] = [s for s in ("train", "val", "test") for x in data.sets[s][0] if torch.equal(x, picture)]
+    assert all(len(set(where)) == 1 for where in found.values()), f"the picture straddles a split: {found}"
+    assert all(len(where) == 1 for where in found.values()), f"the copy is kept beside its original: {found}"
 
 
 def test_sprites_source_has_gen1_animations_grouped_and_the_artwork_set():

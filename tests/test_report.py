@@ -15,6 +15,7 @@ from PIL import Image
 from pokestudy import UserError
 from pokestudy.study.record import TrialRecord
 from tests.conftest import pokestudy
+from tests.test_reliability import assert_one_line_error
 
 
 @pytest.fixture(scope="module")
@@ -30,16 +31,32 @@ def report(smoke_run, tmp_path_factory) -> Path:
     return copy / "smoke"
 
 
-def test_a_table_cell_matches_a_recomputation_from_the_raw_trials(report: Path, smoke_run):
-    url, _ = smoke_run
-    records = [TrialRecord.from_trial(t) for t in optuna.load_study(study_name="smoke", storage=url).get_trials()]
-    gaps = np.array([r.final["train_acc"] - r.final["test_acc"] for r in records
-                     if r.condition == {"arch": "resnet", "augment": "paper", "regularization": "none"}])
-    table = pd.read_csv(report / "gap.csv")
-    row = table[(table.arch == "resnet") & (table.augment == "paper") & (table.regularization == "none")].iloc[0]
-    assert row["seeds"] == len(gaps) == 2
-    assert row["gap_mean"] == pytest.approx(gaps.mean(), abs=1e-5)
-    assert np.isnan(row["gap_lo"]) and "(no CI)" in (report / "gap.md").read_text(), "no interval from 2 seeds"
+@pytest.mark.fast
+def test_a_table_cell_matches_a_recomputation_from_the_raw_trials(tmp_path: Path):
+    from scipy import stats as sps
+
+    from pokestudy.report import analyse, tables
+
+    raw = {"name": "cells", "data": {"source": "synthetic:classes=4,per_class=12,size=32", "res": 32},
+           "factors": {"arch": ["cnn", "resnet"], "augment": ["none", "paper"]}, "seeds": [0, 1, 2, 3],
+           "fixed": {"width": 4}}
+    url, _ = _stored_study(tmp_path, raw, lambda c, s: (0.9 + 0.02 * s, 0.6 + 0.05 * (c["augment"] == "paper")
+                                                        + [0.01, -0.02, 0.015, 0.0][s], True))
+    cell = {"arch": "resnet", "augment": "paper"}
+    records = [TrialRecord.from_trial(t) for t in optuna.load_study(study_name="cells", storage=url).get_trials()]
+    gaps = np.array([r.final["train_acc"] - r.final["test_acc"] for r in records if r.condition == cell])
+    lo, hi = sps.t.interval(0.95, len(gaps) - 1, loc=gaps.mean(), scale=sps.sem(gaps))
+    real = sps.t.interval(1 - 0.05 / 4, len(gaps) - 1, loc=gaps.mean(), scale=sps.sem(gaps))  # 4 conditions
+    done = analyse(url, "cells")
+    tables.export(done.table, tmp_path, "gap", ("csv", "md"))
+    table = pd.read_csv(tmp_path / "gap.csv")
+    row = table[(table.arch == "resnet") & (table.augment == "paper")].iloc[0]
+    assert row["seeds"] == len(gaps) == 4
+    assert (row["gap_mean"], row["gap_lo"], row["gap_hi"]) == pytest.approx((gaps.mean(), lo, hi), abs=1e-5)
+    assert row["gap_real"] == f"yes [{100 * real[0]:+.1f}, {100 * real[1]:+.1f}]", "corrected for 4 conditions"
+    assert f"{100 * gaps.mean():.1f} ± {100 * (hi - lo) / 2:.1f}" in (tmp_path / "gap.md").read_text()
+    two = tables.gap_table(done.trials.frame[done.trials.frame["seed"] < 2])
+    assert two["gap_lo"].isna().all() and (two["gap_real"] == "n/a: 2 seed(s), need 3").all(), "no interval from 2"
 
 
 def test_every_format_figure_and_the_summary_are_written(report: Path):
@@ -82,12 +99,19 @@ def test_dashboard_note_and_figure_artifacts_survive_a_second_report(report: Pat
     assert stored.read_bytes() == (report / "gap.png").read_bytes()
 
 
-@pytest.mark.parametrize("study", ["nope", "empty"])
-def test_report_on_an_unknown_or_empty_study_is_one_line_exit_2(tmp_path: Path, study: str):
-    url = f"sqlite:///{tmp_path / 'pokestudy.db'}"
-    optuna.create_study(study_name="empty", storage=url)
-    out = pokestudy("report", "--study", study, "--results", str(tmp_path))
-    assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1 and "Traceback" not in out.stderr
+@pytest.mark.fast
+@pytest.mark.parametrize("study, message", [("nope", "no study 'nope' in sqlite:///"),
+                                            ("empty", "study 'empty' has no finished trials yet")])
+def test_report_on_an_unknown_or_empty_study_is_one_line_exit_2(tmp_path: Path, study: str, message: str, capsys):
+    from pokestudy.cli import main
+
+    raw = {"name": "empty", "data": {"source": "synthetic:classes=4,per_class=12,size=32", "res": 32},
+           "factors": {"arch": ["cnn", "resnet"]}, "seeds": [0, 1, 2], "fixed": {"width": 4}}
+    _stored_study(tmp_path, raw, None)  # a pokestudy study whose every trial failed: nothing finished to report
+    assert main(["report", "--study", study, "--results", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert_one_line_error(err)
+    assert message in err and "Traceback" not in err
 
 
 def _summary(train: float, test: float, converged: bool, predictions: int, epochs: int = 5,
@@ -108,7 +132,7 @@ def _summary(train: float, test: float, converged: bool, predictions: int, epoch
 
 def _stored_study(tmp_path: Path, raw: dict, outcome) -> tuple[str, Path]:
     """A study in a real SQLite storage, written by the real store from trial summaries with known
-    properties: `outcome(condition, seed) -> (train_acc, test_acc, converged)`."""
+    properties: `outcome(condition, seed) -> (train_acc, test_acc, converged)`; None: every trial failed."""
     from pokestudy.data import prepare
     from pokestudy.study.record import StudyRecord, identity, now, provenance
     from pokestudy.study.spec import Study
@@ -123,6 +147,9 @@ def _stored_study(tmp_path: Path, raw: dict, outcome) -> tuple[str, Path]:
     plan = spec.trials()
     for work in plan:
         store.start(work, grid_distributions(plan))
+        if outcome is None:
+            store.fail(work.key, "loss became nan")
+            continue
         images = round(len(data.sets["train"][1]) * float(work.settings.get("train_fraction", 1)))
         store.complete(work, _summary(*outcome(work.condition, work.seed), predictions=len(data.sets["test"][1]),
                                       train_images=images))

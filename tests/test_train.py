@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from pokestudy import UserError
 from pokestudy.cli import main
@@ -104,6 +105,29 @@ def test_steps_per_epoch_fixes_the_compute_whatever_the_training_set_size(data):
     assert small["train_images"] < full["train_images"]
     assert small["steps"] == full["steps"] == 7, "7 optimizer steps per epoch, whatever the split's size"
     assert run_trial(TrialConfig(**{**cfg, "steps_per_epoch": 0}), data)["final"]["steps"] == full["train_images"] // 16
+
+
+def test_leaky_offline_copies_are_made_from_validation_and_test_images_too():
+    """What the leakage study measures: `paper-offline-leaky` makes its copies before the split, so copies of
+    validation and test images train the model; `paper-offline` copies training images only. Here the training
+    images are white and the held-out ones black: a dark copy can only come from a held-out image."""
+    from pokestudy.data import Prepared
+    from pokestudy.train import _training_pool
+
+    labels = torch.tensor([0, 0, 0, 1, 1, 1])
+    white, black = torch.full((6, 3, 32, 32), 255, dtype=torch.uint8), torch.zeros((2, 3, 32, 32), dtype=torch.uint8)
+    held_out = (black[:2], torch.tensor([0, 1]))
+    data = Prepared(sets={"train": (white, labels), "val": held_out, "test": held_out}, classes=["a", "b"],
+                    manifest={}, train_groups=torch.arange(6))
+    dark = {}
+    for augment in ("paper-offline", "paper-offline-leaky"):
+        cfg = TrialConfig(arch="cnn", res=32, augment=augment, offline_target=10)
+        x, y = _training_pool(cfg, data, torch.device("cpu"), torch.Generator().manual_seed(0))
+        copies, copied = x[len(white):], y[len(white):]
+        dark[augment] = torch.bincount(copied[copies.float().mean((1, 2, 3)) < 128], minlength=2).tolist()
+        assert torch.equal(x[:len(white)], white), "the training split itself comes first, unchanged"
+    assert dark == {"paper-offline": [0, 0], "paper-offline-leaky": [2, 2]}, \
+        "per class 10 − 5 = 5 copies cycled over 3 train, 1 val and 1 test image: 2 of them held-out"
 
 
 def test_bad_config_values_are_user_errors():
