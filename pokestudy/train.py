@@ -303,6 +303,7 @@ def run_trial(cfg: TrialConfig, data: Prepared, on_epoch: Callable[[Record], Non
     schedule = Schedule(cfg, steps)
     q, w = quarter(cfg.epochs)
     subset = _train_subset(data, cfg.eval_subset)
+    near_copy = data.near_copy  # once per trial: which test images have a near copy in its training split
 
     history: list[Record] = []
     test_pred = torch.empty(0)
@@ -314,7 +315,7 @@ def run_trial(cfg: TrialConfig, data: Prepared, on_epoch: Callable[[Record], Non
                                  order.view(steps, batch), layout, gen)
         train_seconds += time.perf_counter() - tick
         exact = epoch > cfg.epochs - q - w  # the convergence check and the final numbers read whole sets
-        record, test_pred = _measure(model, data, device, cfg.precision, None if exact else subset)
+        record, test_pred = _measure(model, data, device, cfg.precision, None if exact else subset, near_copy)
         record = {"epoch": epoch, "lr": opt.param_groups[0]["lr"], "train_acc_augmented": augmented, **record,
                   "train_images": n_train, "steps": epoch * steps,
                   "images_per_s": epoch * steps * batch / train_seconds,
@@ -398,10 +399,12 @@ def _train_subset(data: Prepared, size: int) -> torch.Tensor | None:
 
 
 def _measure(model: torch.nn.Module, data: Prepared, device: torch.device, precision: Precision,
-             subset: torch.Tensor | None) -> tuple[Record, torch.Tensor]:
+             subset: torch.Tensor | None, near_copy: torch.Tensor | None) -> tuple[Record, torch.Tensor]:
     """Accuracy and loss on every evaluation set, the gaps to clean train accuracy, and the test
     predictions. With `subset`, train accuracy is measured on those images only (`train_eval_n` says on
-    how many), which is enough to draw a curve at a fraction of the cost."""
+    how many), which is enough to draw a curve at a fraction of the cost. With `near_copy` (a mask over
+    the test set), test accuracy is also split into the images with a near copy in train (`near_copy_acc`,
+    on `near_copy_n` images) and the rest (`far_acc`): their difference is what the copies inflate."""
     record: Record = {}
     test_pred = torch.empty(0)
     for name, (x, y) in data.sets.items():
@@ -413,6 +416,11 @@ def _measure(model: torch.nn.Module, data: Prepared, device: torch.device, preci
             record["train_eval_n"] = len(y)
         if name == "test":
             test_pred = pred
+            if near_copy is not None:
+                record["near_copy_n"] = int(near_copy.sum())
+                for part, mask in (("near_copy", near_copy), ("far", ~near_copy)):
+                    if mask.any():  # a part with no image has no accuracy; it is left out, never 0
+                        record[f"{part}_acc"] = (pred[mask] == y[mask]).float().mean().item()
     for name in data.sets:
         if name not in ("train", "val"):
             record["gap" if name == "test" else f"{name}_gap"] = record["train_acc"] - record[f"{name}_acc"]

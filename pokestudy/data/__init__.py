@@ -60,6 +60,17 @@ class Prepared:
     manifest: dict
     train_groups: torch.Tensor  # the group of each training image, so a fraction keeps whole groups
     near_groups: list[dict] = field(default_factory=list)  # every near-duplicate group, for `data info --json`
+    # {"train", "test"}: each image's group by the near-duplicate matcher, where the split's grouping lets such
+    # groups straddle it (exact bytes only); None where it keeps every near copy on one side
+    copy_groups: dict[str, torch.Tensor] | None = None
+
+    @property
+    def near_copy(self) -> torch.Tensor | None:
+        """Which test images have a near copy in the training split (a boolean mask over the test set), so a
+        trial can measure how much such copies inflate test accuracy; None where the grouping rules them out."""
+        if self.copy_groups is None:
+            return None
+        return torch.isin(self.copy_groups["test"], self.copy_groups["train"])
 
     def keep_fraction(self, fraction: float, seed: int) -> "Prepared":
         """The same data with only `fraction` of each class's training groups (at least one); validation
@@ -75,8 +86,9 @@ class Prepared:
             chosen = rng.permutation(ids)[: max(1, round(fraction * len(ids)))]
             keep.append(torch.nonzero((y == c) & torch.isin(self.train_groups, torch.from_numpy(chosen))).flatten())
         idx = torch.cat(keep).sort().values
+        copies = None if self.copy_groups is None else {**self.copy_groups, "train": self.copy_groups["train"][idx]}
         return Prepared(sets={**self.sets, "train": (x[idx], y[idx])}, classes=self.classes, manifest=self.manifest,
-                        train_groups=self.train_groups[idx], near_groups=self.near_groups)
+                        train_groups=self.train_groups[idx], near_groups=self.near_groups, copy_groups=copies)
 
     def at_res(self, res: int, chunk: int = 512) -> "Prepared":
         """The same images at `res` pixels, area-averaged from the resolution they were decoded at, so a
@@ -93,7 +105,6 @@ class Prepared:
             return torch.cat(parts) if parts else x.new_zeros((0, x.shape[1], res, res))
 
         return replace(self, sets={k: (shrink(x), y) for k, (x, y) in self.sets.items()})
-
 
 
 def check_res(res: int) -> None:
@@ -203,6 +214,7 @@ class Pool:
     fractions: tuple[float, float, float]
     manifest: dict  # the data, the grouping rule and the base split (`split_seed`, its sizes)
     near_groups: list[dict] = field(default_factory=list)  # every near-duplicate group, for `data info --json`
+    copy_groups: np.ndarray | None = None  # N, int64: the matcher's groups where `groups` lets them straddle a split
 
     def split(self, seed: int) -> Prepared:
         """The data as split by `seed`: stratified by class, whole groups to each split, deterministic."""
@@ -213,8 +225,10 @@ class Pool:
         sets.update({name: (torch.from_numpy(x.copy()), torch.from_numpy(y.copy())) for name, (x, y) in
                      self.extras.items()})
         manifest = {**self.manifest, "split_seed": seed, "splits": {s: len(idx[s]) for s in SPLITS}}
+        copies = None if self.copy_groups is None else {s: torch.from_numpy(self.copy_groups[idx[s].numpy()])
+                                                        for s in ("train", "test")}
         return Prepared(sets=sets, classes=self.classes, manifest=manifest, train_groups=groups[idx["train"]],
-                        near_groups=self.near_groups)
+                        near_groups=self.near_groups, copy_groups=copies)
 
 
 def pool(spec: str, res: int, split_seed: int = 0, fractions: tuple[float, float, float] = (0.7, 0.15, 0.15),
@@ -232,9 +246,9 @@ def pool(spec: str, res: int, split_seed: int = 0, fractions: tuple[float, float
     if rule.crops and not len(ds.feature_offsets):
         raise UserError(f"near-duplicates {rule.value}: the crop matcher needs a folder of pictures; "
                         f"{source.kind} data takes BITS only (e.g. --near-duplicates {rule.bits})")
-    by_phash = merge_groups(ds.groups, phash_pairs(ds.phashes, rule.bits))
-    groups = merge_groups(by_phash, ds.crop_pairs) if rule.crops else by_phash
+    by_phash, groups = _grouped(ds, rule)
     crops_changed = not torch.equal(groups, by_phash)
+    copies = _straddling(ds, near.parse_rule(source.near_duplicates), rule, groups)
     exact = split(ds.labels, ds.groups, fractions, split_seed)
     idx = split(ds.labels, groups, fractions, split_seed) if rule.bits or rule.crops else exact
     summary, listing = _near_summary(ds, groups, by_phash, rule, exact)
@@ -255,9 +269,32 @@ def pool(spec: str, res: int, split_seed: int = 0, fractions: tuple[float, float
     # The rule as it acted: `BITS+crops` only where the crop matcher changed a group or an outside set, so a
     # study whose data it leaves alone keeps the identity it had before the matcher existed.
     summary["threshold"] = near.Rule(rule.bits, rule.crops and crops_changed).value
+    if copies is not None:
+        manifest["near_copies"] = {"rule": copies[0].value, "test_images": int(torch.isin(
+            copies[1][idx["test"]], copies[1][idx["train"]]).sum())}
     _check_splittable(ds.classes, ds.labels, groups, idx)
     return Pool(images=ds.images.numpy(), labels=ds.labels.numpy(), groups=groups.numpy(), extras=extras,
-                classes=ds.classes, fractions=tuple(fractions), manifest=manifest, near_groups=listing)
+                classes=ds.classes, fractions=tuple(fractions), manifest=manifest, near_groups=listing,
+                copy_groups=None if copies is None else copies[1].numpy())
+
+
+def _grouped(ds: Dataset, rule: near.Rule) -> tuple[torch.Tensor, torch.Tensor]:
+    """The groups by `rule`'s pHash alone, and with the crop matcher's pairs too where the rule has them."""
+    by_phash = merge_groups(ds.groups, phash_pairs(ds.phashes, rule.bits))
+    return by_phash, merge_groups(by_phash, ds.crop_pairs) if rule.crops else by_phash
+
+
+def _straddling(ds: Dataset, default: near.Rule, rule: near.Rule,
+                groups: torch.Tensor) -> tuple[near.Rule, torch.Tensor] | None:
+    """The near-duplicate groups of the source's own rule (`default`, the crop matcher only where the data has
+    features), where the study's `rule` lets one of them straddle a split: each trial then measures its test
+    images with a near copy in train apart from the rest. None where every such group lies in one of `groups`."""
+    marked = near.Rule(default.bits, default.crops and bool(len(ds.feature_offsets)))
+    if marked == rule:
+        return None
+    matched = _grouped(ds, marked)[1]
+    together = len(torch.unique(torch.stack([matched, groups]), dim=1)[0]) == len(torch.unique(matched))
+    return None if together else (marked, matched)
 
 
 def prepare(spec: str, res: int, split_seed: int = 0, fractions: tuple[float, float, float] = (0.7, 0.15, 0.15),

@@ -1,7 +1,8 @@
 """Report: every output of a study rebuilt from its Optuna storage alone, written to results/<study>/.
 
 Verdicts, tables (CSV, Markdown, LaTeX, JSON), figures (PNG), a generated summary.md, and, for
-optuna-dashboard, the summary as the study's note and the figures as artifacts.
+optuna-dashboard, the summary as the study's note (its figures inline, as artifacts) and the verdicts as a
+chart on the study page.
 """
 
 from __future__ import annotations
@@ -79,6 +80,9 @@ def build(url: str, name: str, results: Path, formats: tuple[str, ...], generato
     sizes = scaling.analyse(df, spec, classes)
     if sizes is not None:
         written += tables.export(sizes.fits, out, "scaling", formats)
+    copies = summary.near_copies(df)
+    if not copies.empty:
+        written += tables.export(copies, out, "near_copies", formats)
     pngs = [figures.curves(df, out), figures.gaps(table, spec.report.reference, out), figures.tradeoff(table, out),
             figures.effects_over_epochs(df, analysis.confidence, out),
             figures.scaling(df, sizes, classes, out) if sizes is not None else None,
@@ -86,10 +90,12 @@ def build(url: str, name: str, results: Path, formats: tuple[str, ...], generato
     pngs = [p for p in pngs if p is not None]
 
     def note(links: dict[str, str], padded: bool = False) -> str:
-        return summary.write(name, generator, trials, table, analysis, checks, tuning, sizes, links, padded=padded)
+        return summary.write(name, generator, trials, table, analysis, checks, tuning, sizes, copies, links,
+                             padded=padded)
 
     (out / "summary.md").write_text(note({p.name: p.name for p in pngs}))
-    _publish(url, study, results, pngs, lambda links: note(links, padded=True))
+    _publish(url, study, results, pngs, lambda links: note(links, padded=True),
+             figures.verdicts_chart(claims, analysis.confidence))
     print(tables.readable(analysis.verdicts)[["claim", "verdict", "gap", "test"]].to_string(index=False)
           if len(analysis.verdicts) else "no claims: every factor of this study has a single level")
     print(f"\nwritten to {out}/: {', '.join(p.name for p in [*written, *pngs])}, summary.md", file=sys.stderr)
@@ -178,12 +184,27 @@ def _data_figures(url: str, study: optuna.Study, manifest: dict, df: pd.DataFram
     return [figures.predictions(images, labels, data.classes, runs, out), figures.confusions(confused, out)]
 
 
-def _publish(url: str, study: optuna.Study, results: Path, pngs: list[Path], note: Callable[[dict], str]) -> None:
-    """The figures as artifacts, then the summary as the study's note, its figure links opening the
-    artifacts full-size. A figure already published keeps its artifact id and gets new bytes, so
-    re-reporting leaves no deleted-artifact markers behind (Optuna's own API could not read them)."""
-    from optuna_dashboard import save_note
+@dataclass(frozen=True)
+class PlotlyJSON:
+    """A Plotly figure as its JSON: `save_plotly_graph_object` reads a figure only through `to_json`, so one
+    chart does not make the plotly package a dependency. NaN is refused: plotly.js could not parse it."""
 
+    figure: dict
+
+    def to_json(self) -> str:
+        return json.dumps(self.figure, allow_nan=False)
+
+
+def _publish(url: str, study: optuna.Study, results: Path, pngs: list[Path], note: Callable[[dict], str],
+             chart: dict | None) -> None:
+    """The verdicts' chart on the study page (one id, so a second report replaces it), the figures as
+    artifacts, then the summary as the study's note, its figures inline and opening the artifacts full-size.
+    A figure already published keeps its artifact id and gets new bytes, so re-reporting leaves no
+    deleted-artifact markers behind (Optuna's own API could not read them)."""
+    from optuna_dashboard import save_note, save_plotly_graph_object
+
+    if chart is not None:
+        save_plotly_graph_object(study, PlotlyJSON(chart), graph_object_id="verdicts")
     store = artifact_store(results)
     try:
         published = {meta.filename: meta.artifact_id for meta in get_all_artifact_meta(study)}

@@ -1,7 +1,8 @@
 """Figures (PNG, matplotlib Agg): curves, gaps with CIs, the trade-off, effects per epoch, the gap
-against training-set size, the report's prediction grids, confusions.
+against training-set size, the report's prediction grids, confusions; and the verdicts as a Plotly
+chart for optuna-dashboard's study page.
 
-Each function takes tables already computed from the storage and returns the written path.
+Each function takes tables already computed from the storage and returns the written path (the chart: its JSON).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 
-from pokestudy.report.stats import mean_interval  # noqa: E402
+from pokestudy.report.stats import interval_text, mean_interval  # noqa: E402
 from pokestudy.report.tables import cell, column, extra_metrics, factors, interval, levels  # noqa: E402
 from pokestudy.study.spec import Reference  # noqa: E402
 
@@ -26,6 +27,7 @@ if TYPE_CHECKING:
     from pokestudy.report.scaling import Sizes
 
 MARKERS = "os^DvPX<>ph*d"  # 13 distinct markers; colours are distinct for any number of conditions
+EXTRA_COLOURS = ("C2", "C4", "C5", "C6", "C8", "C9")  # extra sets' curves: not train's, val's or test's (C0, C1, C3)
 
 
 def styles(n: int) -> list[tuple[tuple[float, float, float, float], str]]:
@@ -59,7 +61,7 @@ def curves(df: pd.DataFrame, out: Path) -> Path:
     extra = [m for m in extra_metrics(df) if m.endswith("_acc")]
     for ax, condition in zip(axes.flat, conditions):
         group = df[df["condition"] == condition]
-        for metric, colour in [("train_acc", "C0"), ("test_acc", "C3"), *[(m, "C2") for m in extra]]:
+        for metric, colour in [("train_acc", "C0"), ("test_acc", "C3"), *_extra_colours(extra)]:
             values = _padded(group, metric) * 100
             epochs = np.arange(1, values.shape[1] + 1)
             ax.plot(epochs, values.mean(0), colour, label=metric.replace("_acc", ""))
@@ -76,6 +78,11 @@ def curves(df: pd.DataFrame, out: Path) -> Path:
         ax.set_ylabel("accuracy (%)")
     fig.suptitle(f"accuracy per epoch (mean over {df.groupby('condition').size().min()}+ seeds, band: min–max)")
     return _save(fig, out / "curves.png")
+
+
+def _extra_colours(metrics: list[str]) -> list[tuple[str, str]]:
+    """A colour of its own for each extra set's curve (an outside set, the near-copy and far parts of test)."""
+    return [(m, EXTRA_COLOURS[i % len(EXTRA_COLOURS)]) for i, m in enumerate(metrics)]
 
 
 def _padded(group: pd.DataFrame, metric: str) -> np.ndarray:
@@ -224,14 +231,51 @@ def effects_over_epochs(df: pd.DataFrame, confidence: float, out: Path) -> Path 
     return _save(fig, out / "effects_over_epochs.png")
 
 
+def verdicts_chart(verdicts: pd.DataFrame, confidence: float) -> dict | None:
+    """Each claim's paired difference in the gap with its family-wise interval, its verdict under its name and
+    its test-accuracy difference on hover, as a Plotly figure's JSON: the chart optuna-dashboard shows on the
+    study page beside its importance chart, which answers another question (`summary.IMPORTANCE`). Plotly's
+    JSON has no NaN, so a missing interval is null and its label says "no CI". None without claims."""
+    if verdicts.empty:
+        return None
+    value, lo, hi = (100 * verdicts[f"gap_{k}"] for k in ("diff", "lo", "hi"))
+    claims = [f"{c}<br><i>{v}</i>" for c, v in zip(verdicts["claim"], verdicts["verdict"])]
+    tests = [interval_text(v, a, b, unit=" points") for v, a, b in
+             zip(verdicts["test_acc_diff"], verdicts["test_acc_lo"], verdicts["test_acc_hi"])]
+    trace = {"type": "scatter", "mode": "markers+text", "name": "gap", "x": _plain(value), "y": claims,
+             "error_x": {"type": "data", "symmetric": False, "array": _plain(hi - value),
+                         "arrayminus": _plain(value - lo), "color": "#d62728"},
+             "marker": {"color": "#d62728", "size": 9}, "textposition": "top center", "textfont": {"size": 11},
+             "text": [interval_text(v, a, b) for v, a, b in zip(verdicts["gap_diff"], verdicts["gap_lo"],
+                                                               verdicts["gap_hi"])],
+             "customdata": tests, "hovertemplate": "%{y}<br>gap %{text} points<br>test accuracy %{customdata}"
+                                                   "<extra></extra>"}
+    note = ("Beside it, Hyperparameter Importance ranks which factors the top 10% of trials by validation accuracy "
+            "share:<br>another question (no gap, no pairing, no interval); these intervals are the verdicts.")
+    layout = {"title": {"text": f"Verdicts: paired effect on the gap (train − test),<br>{100 * confidence:.2f}% "
+                                "family-wise intervals over replicates", "font": {"size": 14}},
+              "xaxis": {"title": {"text": "level − reference (points)"}, "zeroline": True, "zerolinewidth": 2},
+              "yaxis": {"autorange": "reversed", "automargin": True}, "showlegend": False,
+              "height": 190 + 80 * len(verdicts), "margin": {"t": 70, "b": 110},
+              "annotations": [{"text": note, "xref": "paper", "yref": "paper", "x": 0, "y": 0, "yshift": -75,
+                               "showarrow": False, "xanchor": "left", "yanchor": "top", "align": "left",
+                               "font": {"size": 10}}]}
+    return {"data": [trace], "layout": layout}
+
+
+def _plain(values: pd.Series) -> list[float | None]:
+    """Numbers as JSON takes them: NaN becomes null."""
+    return [None if v != v else round(float(v), 4) for v in values]
+
+
 def trial_curves(history: dict[str, list[float]], title: str, path: Path) -> Path:
     """One trial's accuracy per epoch (train, val, test, extra sets), dotted where the learning rate
     was cut: the small figure on the trial's page in optuna-dashboard."""
     fig, ax = plt.subplots(figsize=(4.2, 2.6))
     epochs = np.arange(1, len(history["train_acc"]) + 1)
-    for metric, colour in [("train_acc", "C0"), ("val_acc", "C1"), ("test_acc", "C3"),
-                           *[(m, "C2") for m in history if m.endswith("_acc") and m not in
-                             ("train_acc", "val_acc", "test_acc", "train_acc_augmented")]]:
+    extra = [m for m in history if m.endswith("_acc") and m not in
+             ("train_acc", "val_acc", "test_acc", "train_acc_augmented")]
+    for metric, colour in [("train_acc", "C0"), ("val_acc", "C1"), ("test_acc", "C3"), *_extra_colours(extra)]:
         ax.plot(epochs, np.array(history[metric]) * 100, colour, label=metric.removesuffix("_acc"))
     for e in np.flatnonzero(np.diff(history["lr"]) < 0) + 1.5:
         ax.axvline(e, color="grey", ls=":", lw=1)

@@ -7,8 +7,8 @@ from pathlib import Path
 import pandas as pd
 
 from pokestudy.report import power, scaling
-from pokestudy.report.stats import ALPHA, MIN_SEEDS, FTest
-from pokestudy.report.tables import Trials, readable
+from pokestudy.report.stats import ALPHA, MIN_SEEDS, FTest, mean_interval
+from pokestudy.report.tables import Trials, column, factors, readable
 from pokestudy.report.verdicts import UNCONVERGED, Analysis, sentence
 from pokestudy.study.record import provenance_line
 from pokestudy.study.spec import Study
@@ -24,6 +24,10 @@ FIGURES = {
     "predictions": "the same test images, each model's guess",
     "confusions": "the class pairs most often confused",
 }
+IMPORTANCE = ("optuna-dashboard's *Hyperparameter Importance* chart (PED-ANOVA) measures how differently each "
+              "factor's levels are spread among the top 10% of trials by validation accuracy than among all trials: "
+              "it reads neither the gap nor test accuracy, pairs nothing and gives no interval, so it may rank the "
+              "factors otherwise than the verdicts above, which are paired differences with family-wise intervals.")
 SCHEDULE = ("Every trial trained for a budget fixed in advance ({epochs} epochs of {steps} optimizer steps), with "
             "the same learning rate at the same step whatever its accuracies did: a linear warm-up over {warmup} "
             "epoch(s), then {decay} decay to 0 at the end of the budget. *Converged* means the finished curve was "
@@ -32,10 +36,36 @@ SCHEDULE = ("Every trial trained for a budget fixed in advance ({epochs} epochs 
             "that rests on an unconverged condition reads *{unconverged}*.")
 
 
+def near_copies(df: pd.DataFrame) -> pd.DataFrame:
+    """Per condition, how much near copies of training images inflate test accuracy, from the trials' last
+    epochs (recorded only where the split lets near copies straddle it; empty otherwise): the accuracy on
+    test images with a near copy in train and on the rest, `inflation` = their difference and `lift` = test −
+    far accuracy (what the copies added to test accuracy: their share × inflation), each a 95% t-interval
+    over replicates (a trial whose split put no near copy in test has no inflation and is left out)."""
+    if "near_copy_acc" not in df:
+        return pd.DataFrame()
+    names = [column(f) for f in factors(df)]
+    rows = []
+    for _, group in df.groupby("condition", sort=False):
+        measures = {"near_copy_acc_mean": group["near_copy_acc"], "far_acc_mean": group["far_acc"],
+                    "inflation_diff": group["near_copy_acc"] - group["far_acc"],
+                    "lift_diff": (group["test_acc"] - group["far_acc"]).where(group["near_copy_acc"].notna())}
+        row = {**{f: group[f].iloc[0] for f in names}, "replicates": int(measures["inflation_diff"].notna().sum()),
+               "near_copy_images": round(float(group["near_copy_n"].mean()), 1)}
+        for key, values in measures.items():
+            e = mean_interval(values)
+            stem = key.rpartition("_")[0]
+            row[key], row[f"{stem}_lo"], row[f"{stem}_hi"] = e.value, e.lo, e.hi
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
 def write(name: str, generator: str, trials: Trials, table: pd.DataFrame, analysis: Analysis, checks: list[str],
-          tuning: pd.DataFrame, sizes: scaling.Sizes | None, figures: dict[str, str], padded: bool = False) -> str:
-    """The summary in Markdown; `figures` maps each figure to its link (a file, or a dashboard artifact).
-    `padded` spaces table cells apart for optuna-dashboard's note, whose tables have no cell padding."""
+          tuning: pd.DataFrame, sizes: scaling.Sizes | None, copies: pd.DataFrame, figures: dict[str, str],
+          padded: bool = False) -> str:
+    """The summary in Markdown; `copies` is `near_copies`; `figures` maps each figure to its link (a file, or a
+    dashboard artifact), shown inline. `padded` spaces table cells apart for optuna-dashboard's note, whose
+    tables have no cell padding."""
 
     def md(t: pd.DataFrame) -> str:
         t = readable(t)
@@ -59,6 +89,8 @@ def write(name: str, generator: str, trials: Trials, table: pd.DataFrame, analys
               for _, r in analysis.verdicts.iterrows()]
     lines += ["", *power.sentences(analysis.verdicts, report.delta / 100, analysis.size, analysis.pilot_n,
                                    analysis.ceiling)]
+    if len(analysis.verdicts):
+        lines += ["", IMPORTANCE]
     shown = analysis.simple[analysis.simple["shown"]]
     if not shown.empty:
         lines += ["", "### Where a main effect varies", "",
@@ -82,6 +114,18 @@ def write(name: str, generator: str, trials: Trials, table: pd.DataFrame, analys
               f"Accuracy in %, mean ± 95% CI half-width over seeds (no interval under {MIN_SEEDS} seeds); "
               f"*gap_real*: is train − test above 0, with an interval corrected for the {len(table)} "
               "conditions.", "", md(table), ""]
+    if not copies.empty:
+        marked = info.data["near_copies"]
+        lines += ["## Near copies in the test set", "",
+                  f"The split ({_grouping(info.data['near_duplicates'])}) lets near copies straddle it: a test "
+                  "image may have a near copy in the training split by the near-duplicate matcher "
+                  f"(`{marked['rule']}`; {marked['test_images']} of the {info.data['splits']['test']} test images of "
+                  "the base split). At the last epoch, per condition: accuracy on those images (*near_copy*) and on "
+                  "the rest (*far*), mean ± 95% CI half-width; "
+                  "*inflation* = near_copy − far, how much easier a near copy is, and *lift* = test − far, what the "
+                  "near copies added to test accuracy (their share × the inflation), with 95% t-intervals over "
+                  f"replicates (none under {MIN_SEEDS}; a replicate whose split put no near copy in test is left out).",
+                  "", md(copies), ""]
     if report.reference:
         ref = report.reference
         lines += [f"For comparison, {ref.label}: {100 * ref.train_acc:.0f}% train vs {100 * ref.test_acc:.0f}% test, "
@@ -103,8 +147,7 @@ def write(name: str, generator: str, trials: Trials, table: pd.DataFrame, analys
                   "its range's edge (within 10%, on a log scale for log ranges) says *extend the range*. Optimism = "
                   "best tuning validation accuracy − mean validation accuracy of the seeded reruns.", "",
                   md(tuning), ""]
-    lines += ["## Figures", "", *[f"- [{name}]({link}): {FIGURES.get(name.removesuffix('.png'), '')}"
-                                  for name, link in figures.items()], "",
+    lines += ["## Figures", "", *[_figure(name, link) for name, link in figures.items()],
               "## The conclusions hold only for these settings", "",
               *[f"- {k}: {v}" for k, v in spec.fixed.items()],
               f"- data: {_source(info.data['data'])} at {info.data['res']} px, fingerprint {info.data['fingerprint']}; "
@@ -121,6 +164,11 @@ def write(name: str, generator: str, trials: Trials, table: pd.DataFrame, analys
     if trials.ignored:
         lines += [f"({trials.ignored} stored trials of another identity were left out.)", ""]
     return "\n".join(lines)
+
+
+def _figure(name: str, link: str) -> str:
+    """A figure inline (the image, opening full-size), then what it shows."""
+    return f"[![{name}]({link})]({link})\n\n*{name}*: {FIGURES.get(name.removesuffix('.png'), '')}\n"
 
 
 def _replicates(spec: Study, provenance: dict) -> str:
@@ -158,14 +206,14 @@ def _family(analysis: Analysis, delta: float) -> str:
             "(level − reference) in the gap and in test accuracy, one value per replicate: the mean of that "
             "replicate's pairs (same replicate, same levels of the other factors) over the grid's cells. The "
             "replicate is the unit: its conditions share its split, so its pairs are not independent; a replicate "
-            f"missing a cell of a claim is left out of it. {_intervals(analysis.pilot_n, _replicates(analysis))}"
+            f"missing a cell of a claim is left out of it. {_intervals(analysis.pilot_n, _most_replicates(analysis))}"
             f"**Family: {analysis.size}** = {' + '.join(parts)}: every interval is at "
             f"{100 * analysis.confidence:.2f}% and every test at α/{analysis.size} (Bonferroni), so all hold together "
             f"with probability ≥ {100 * (1 - ALPHA):.0f}%.{simple} A main effect is an average over the grid of the "
             f"other factors; where it may vary, its simple effects follow. Equivalence margin ±{delta:g} points.")
 
 
-def _replicates(analysis: Analysis) -> int:
+def _most_replicates(analysis: Analysis) -> int:
     """The most replicates any claim rests on."""
     done = pd.to_numeric(analysis.verdicts["replicates"], errors="coerce").max()
     return 0 if pd.isna(done) else int(done)
