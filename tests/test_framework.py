@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -140,6 +141,49 @@ def test_a_models_own_setting_as_a_factor_reaches_its_builder(tmp_path: Path, ra
     assert sorted(t.params["model.depth"] for t in stored.get_trials()) == ["1", "2"]
 
 
+def test_an_edited_builder_makes_a_rerun_another_experiment_and_an_unedited_rerun_runs_nothing(tmp_path: Path):
+    """Each run is `pokestudy run` in the user's directory, as a user reruns it: its own local Ray, whose
+    workers import the builder from there (the session's Ray gives its workers the directory it started in)."""
+    net = tmp_path / "edited_net.py"
+    shutil.copy(ROOT / "tests" / "my_models.py", net)
+    path = write(tmp_path, name="edited", data={"source": "synthetic", "res": 32},
+                 factors={"arch": ["edited_net:tiny"]}, fixed={"epochs": 1, "batch_size": 16})
+
+    def rerun(timeout: float = 300) -> subprocess.CompletedProcess:
+        return pokestudy("run", "--study", path.name, "--results", "results", cwd=tmp_path, timeout=timeout)
+
+    def complete() -> int:
+        stored = optuna.load_study(study_name="edited", storage=f"sqlite:///{tmp_path / 'results' / 'pokestudy.db'}")
+        return len(stored.get_trials(states=(optuna.trial.TrialState.COMPLETE,)))
+
+    first = rerun(timeout=600)  # it starts Ray and trains
+    assert first.returncode == 0 and complete() == 1, first.stderr
+    same = rerun()
+    assert same.returncode == 0 and "already finished (1 trials)" in same.stderr and complete() == 1, same.stderr
+    net.write_text(net.read_text().replace("nn.ReLU()]", "nn.GELU()]"))
+    edited = rerun()
+    assert edited.returncode == 2, edited.stderr
+    notice, _, error = edited.stderr.rpartition("pokestudy: error: ")
+    assert notice == ("study edited runs code from edited_net (a spec runs the code it names: run only specs you "
+                      "trust)\n"), edited.stderr
+    assert_one_line_error(f"pokestudy: error: {error}")
+    assert re.fullmatch(r"study 'edited' in this storage is a different experiment \(code\.edited_net:tiny: "
+                        r"[0-9a-f]{12} → [0-9a-f]{12}\); use --study-name NEW .*", error.strip()), error
+    assert complete() == 1
+
+
+@pytest.mark.fast
+def test_only_a_users_builder_puts_code_in_the_identity(tmp_path: Path):
+    """Shipped studies, built-ins and torchvision keep the identity they had: no `code` in their design."""
+    for name in spec.available():
+        assert "code" not in spec.load(name).design(), name
+    torchvision = spec.load(str(write(tmp_path, factors={"arch": ["cnn", "torchvision:resnet18"]})))
+    assert "code" not in torchvision.design()
+    mine = spec.load(str(write(tmp_path, factors={"arch": ["cnn", "torchvision:resnet18", MINE]})))
+    assert mine.design()["code"] == {MINE: imports.code_digest(MINE)}
+    assert mine.design()["factors"] == mine.model_dump(mode="json")["factors"]
+
+
 def readme_blocks() -> dict[str, str]:
     """The README's own-study files, by the name on each block's first line (`# my_net.py`)."""
     text = (ROOT / "README.md").read_text()
@@ -152,13 +196,11 @@ def readme_blocks() -> dict[str, str]:
 @pytest.mark.fast
 def test_the_readmes_own_study_loads_as_printed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys):
     files = readme_blocks()
-    assert set(files) == {"my_net.py", "my_dataset.py", "my-study.yaml"}
+    assert set(files) == {"make_images.py", "my_net.py", "my_dataset.py", "my-study.yaml"}
     for name, text in files.items():
         (tmp_path / name).write_text(text)
-    rng = np.random.default_rng(0)
-    np.savez(tmp_path / "my_images.npz", images=rng.integers(0, 256, (30, 48, 48, 3), dtype=np.uint8),
-             labels=np.arange(30) % 3)
     monkeypatch.chdir(tmp_path)
+    exec(files["make_images.py"], {})  # noqa: S102 — the README's toy images, as printed
     monkeypatch.setattr(sys, "path", list(sys.path))  # the current directory is added to it: not for later tests
     study = spec.load("my-study.yaml")
     assert imports.modules(study) == ["my_net", "my_dataset"]
@@ -166,7 +208,7 @@ def test_the_readmes_own_study_loads_as_printed(tmp_path: Path, monkeypatch: pyt
     assert {s["arch"] for s in settings} == {"torchvision:mobilenet_v3_small", "my_net:tiny"}
     assert {s.get("model.depth") for s in settings} == {None, 1, 3}
     assert main(["data", "info", "--data", study.data.source, "--res", str(study.data.res)]) == 0
-    assert "classes     3\nimages      30" in capsys.readouterr().out
+    assert "classes     3\nimages      300" in capsys.readouterr().out
 
 
 def test_the_readmes_python_example_runs_as_printed_and_reads_what_the_files_hold(

@@ -21,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from pokestudy import UserError
 from pokestudy.data import MAX_RES, MIN_RES
+from pokestudy.imports import code_digest, is_user_code
 from pokestudy.train import MODEL_PREFIX, TrialConfig
 
 STUDIES = resources.files("pokestudy") / "studies"  # shipped inside the package: works after `pip install .`
@@ -293,8 +294,20 @@ class Study(Strict):
 
     def design(self) -> dict[str, Any]:
         """The part of the spec that trial results depend on. Seeds may grow or shrink (each trial
-        carries its own), and the question, resources and analysis do not change a trial's result."""
-        return self.model_dump(mode="json", include={"factors", "fixed", "nuisance"})
+        carries its own), and the question, resources and analysis do not change a trial's result.
+
+        A builder of the user's (`arch: package.module:function`) is its code as well as its name: `code`
+        holds a hash of the file that defines each one (`imports.code_digest`), so an edited builder makes a
+        rerun a different experiment rather than a resume with two models. The built-ins and
+        `torchvision:NAME` are pokestudy's and torchvision's versions (in the provenance), and a study that
+        names no user builder has no `code`: its identity is what it was. A data function is not hashed:
+        all it does to a trial is what it returns, and the data fingerprint hashes every pixel, label,
+        class and group of that, so its code may be refactored without refusing a study of the same data."""
+        out = self.model_dump(mode="json", include={"factors", "fixed", "nuisance"})
+        archs = dict.fromkeys(str(self.settings(c).get("arch", "")) for c in self.conditions())
+        if code := {a: code_digest(a) for a in archs if is_user_code(a)}:
+            out["code"] = code
+        return out
 
     def with_precision(self, chosen: str) -> "Study":
         """This study with `fixed.precision: auto` (or none given) resolved to `chosen`, unless a factor sets
