@@ -40,6 +40,10 @@ def test_an_exported_study_imports_reports_the_same_and_resumes(smoke_run, tmp_p
     assert "skipped" not in report.stderr  # the test predictions came along: the prediction figures are drawn
     assert (elsewhere / "smoke" / "confusions.csv").is_file()
 
+    from pokestudy.study.record import TrialRecord, cpu_model
+
+    records = [TrialRecord.from_trial(t) for t in optuna.load_study(study_name="smoke", storage=new_url).get_trials()]
+    assert {r.cpu for r in records} == {cpu_model()}  # each trial names its machine: a continued study may mix them
     trials = trial_count(new_url, "smoke")
     runner.run_study(spec.load("smoke"), storage=new_url, results=elsewhere, study_name="smoke")
     assert trial_count(new_url, "smoke") == trials  # the identity held: every trial was already done

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from pokestudy import UserError
 from pokestudy.data import Pool
+from pokestudy.study.record import cpu_model
 from pokestudy.study.spec import Study, Work, condition_id
 from pokestudy.study.store import Store
 from pokestudy.train import Diverged, TrialConfig, resolve_device, run_trial
@@ -77,7 +78,7 @@ def placement(device: torch.device) -> dict[str, Any]:
     assigned = os.environ.get("CUDA_VISIBLE_DEVICES")
     return {"node_id": ray.get_runtime_context().get_node_id(), "node_ip": ray.util.get_node_ip_address(),
             "hostname": socket.gethostname(), "device": str(device), "assigned_gpus": assigned,
-            "cpu_fallback": bool(assigned) and device.type == "cpu"}
+            "cpu_fallback": bool(assigned) and device.type == "cpu", "cpu": cpu_model()}
 
 
 class Progress:

@@ -70,10 +70,11 @@ class TrialRecord:
     device: str | None = None
     assigned_gpus: str | None = None
     cpu_fallback: bool | None = None
+    cpu: str | None = None  # the trial's CPU model: a study continued elsewhere (`pokestudy import`) mixes machines
 
     ATTR: ClassVar[str] = "pokestudy:record"
     PLACEMENT: ClassVar[tuple[str, ...]] = ("node_id", "node_ip", "hostname", "device", "assigned_gpus",
-                                           "cpu_fallback")
+                                           "cpu_fallback", "cpu")
 
     @classmethod
     def from_trial(cls, trial: optuna.trial.FrozenTrial) -> "TrialRecord":
@@ -198,7 +199,7 @@ def provenance(manifest: dict[str, Any], threads_per_trial: float, started: str,
     return {
         "pokestudy": __version__, "git": _git(), "python": platform.python_version(),
         "packages": {p: _version(p) for p in PACKAGES},
-        "cpu": _cpu_model(), "cores": os.cpu_count(), "gpus": gpus, "threads_per_trial": threads_per_trial,
+        "cpu": cpu_model(), "cores": os.cpu_count(), "gpus": gpus, "threads_per_trial": threads_per_trial,
         "native_bf16": {"cpu": native_bf16("cpu"), "gpu": native_bf16("cuda") if gpus else None},
         "precision": precisions or [], "ray_cluster": cluster or {}, "data_fingerprint": manifest["fingerprint"],
         "started": started, "finished": None,
@@ -250,7 +251,7 @@ def _git() -> dict[str, Any] | None:
     return {"commit": commit.stdout.strip(), "modified": bool(status.stdout.strip())}
 
 
-def _cpu_model() -> str:
+def cpu_model() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
