@@ -4,6 +4,7 @@ a PostgreSQL server, and optuna-dashboard loaded in headless Chromium."""
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import socket
@@ -121,15 +122,23 @@ def test_smoke_study_on_a_ray_cluster_started_with_ray_start(tmp_path: Path):
 
 
 def test_dashboard_in_headless_chromium_answers_the_question_at_a_glance(smoke_run, tmp_path: Path):
-    """As a user sees it at 1280 px: the note leads with the verdicts, figures open, a trial page
-    explains itself without scrolling sideways, and importance ranks only the factors. Screenshots
-    of every page land in tmp_path, named in any failure message."""
+    """As a user sees it at 1280 px: the study page shows each verdict's effect with its family-wise interval
+    beside the importance chart, the note leads with the verdicts, says what that chart measures and shows
+    its figures inline, figures open, a trial page explains itself without scrolling sideways, and importance
+    ranks only the factors. The smoke study gets a third replicate (a copy of its results folder), so that
+    its claims have intervals. Screenshots of every page land in tmp_path, named in any failure message."""
     from playwright.sync_api import sync_playwright
 
-    from pokestudy.report import build
+    from pokestudy.report import build, summary, trial_figure
+    from pokestudy.study import runner, spec
+    from tests.test_study import write_spec
 
-    url, results = smoke_run
-    build(url, "smoke", results, ("md",), generator="pokestudy report --study smoke")
+    results = tmp_path / "results"
+    shutil.copytree(smoke_run[1], results)
+    url = f"sqlite:///{results / 'pokestudy.db'}"
+    runner.run_study(spec.load(str(write_spec(tmp_path, seeds=[0, 1, 2]))), storage=url, results=results,
+                     study_name="smoke", trial_figure=trial_figure)
+    claims = len(build(url, "smoke", results, ("md",), generator="pokestudy report --study smoke").claims)
     port = free_port()
     server = subprocess.Popen([sys.executable, "-m", "pokestudy", "dashboard", "--port", str(port), "--storage", url,
                                "--results", str(results)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
@@ -155,13 +164,21 @@ def test_dashboard_in_headless_chromium_answers_the_question_at_a_glance(smoke_r
             figures = page.locator("img[src^='/artifacts/']")
             figures.first.wait_for(timeout=30_000)
             page.get_by_text("Hyperparameter Importance").first.wait_for(timeout=30_000)
-            page.screenshot(path=str(tmp_path / "study.png"), full_page=True)
             assert figures.count() >= 4, shots
             image = page.request.get(base + figures.first.get_attribute("src"))
             assert image.ok and image.headers["content-type"] == "image/png"
             assert "val_acc (last epoch)" in page.inner_text("body"), shots
             ranked = {p["name"] for imp in importances for obj in imp["param_importances"] for p in obj}
             assert ranked == {"arch", "augment", "regularization"}, f"importance ranks {ranked}; {shots}"
+            chart = page.locator(".js-plotly-plot", has_text="Verdicts: paired effect on the gap")
+            chart.wait_for(timeout=30_000)  # the verdicts' effects with their intervals, beside the importance
+            chart.scroll_into_view_if_needed()
+            page.screenshot(path=str(tmp_path / "study.png"), full_page=True)
+            drawn = chart.text_content()
+            assert "arch=resnet vs cnn" in drawn and "family-wise intervals" in drawn, shots
+            intervals = re.findall(r"[-+]\d+\.\d \[[-+]\d+\.\d, [-+]\d+\.\d\]", drawn)
+            assert len(intervals) == claims, f"each claim's gap with its interval; {shots}"
+            assert "top 10% of trials by validation accuracy" in drawn, f"what importance ranks, beside it; {shots}"
 
             page.goto(f"{base}{study_path}/trials")  # a trial explains itself
             page.get_by_text("Accuracy and gap in % per epoch").first.wait_for(timeout=30_000)
@@ -179,6 +196,12 @@ def test_dashboard_in_headless_chromium_answers_the_question_at_a_glance(smoke_r
             note = page.inner_text("body")
             assert note.index("Verdicts") < note.index("Per condition"), shots
             assert "arch=resnet vs cnn" in note and "pokestudy report --study smoke" in note, shots
+            assert re.search(r"gap [-+]\d+\.\d points \[[-+]\d+\.\d, [-+]\d+\.\d\]", note), f"intervals; {shots}"
+            measures = " ".join(summary.IMPORTANCE.replace("*", "").split()[:12])
+            assert measures in " ".join(note.split()), f"what the importance chart measures; {shots}"
+            assert page.locator("img[src^='/artifacts/']").count() >= 4, f"figures inline; {shots}"
+            page.wait_for_function("[...document.querySelectorAll(\"img[src^='/artifacts/']\")]"
+                                   ".every(i => i.complete && i.naturalWidth > 0)", timeout=30_000)
             figure = page.request.get(base + page.get_by_role("link", name="gap.png").get_attribute("href"))
             assert figure.ok and figure.headers["content-type"] == "image/png", "figures open full-size from the note"
             browser.close()
