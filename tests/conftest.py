@@ -87,6 +87,17 @@ def pokestudy(*args: str, cwd: Path | None = None, timeout: float = 300, **kw) -
                           cwd=cwd, timeout=timeout, **kw)
 
 
+def cli(capsys: pytest.CaptureFixture, *args: str) -> subprocess.CompletedProcess:
+    """The command line in-process: `pokestudy.cli.main`, the console script's own entry point, without the
+    seconds of imports a new process costs (the fast tier's way; `pokestudy` runs it as a shell would)."""
+    from pokestudy.cli import main
+
+    capsys.readouterr()  # only this command's output is returned
+    code = main(list(args))
+    out = capsys.readouterr()
+    return subprocess.CompletedProcess(["pokestudy", *args], code, out.out, out.err)
+
+
 @pytest.fixture(scope="session")
 def smoke_run(ray_local, tmp_path_factory: pytest.TempPathFactory) -> tuple[str, Path]:
     """The smoke study, run once for the session: (storage URL, results directory)."""

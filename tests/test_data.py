@@ -1,4 +1,4 @@
-"""Data: messy folders, the sprites package, synthetic data, the cache and the splits."""
+"""Data: messy folders, synthetic data, the cache and the splits (the sprites package: `test_sprites.py`)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import torch
 from pokestudy import UserError
 from pokestudy.data import load, prepare
 from pokestudy.data.split import split
-from tests.conftest import pokestudy
+from tests.conftest import cli
 
 pytestmark = pytest.mark.fast  # the edit-test loop: `pytest -m fast`
 
@@ -106,18 +106,8 @@ def test_duplicates_never_straddle_a_split(messy_folder: Path):
     assert all(len(where) == 1 for where in found.values()), f"the copy is kept beside its original: {found}"
 
 
-def test_sprites_source_has_gen1_animations_grouped_and_the_artwork_set():
-    ds = prepare("sprites", 32)
-    m = ds.manifest
-    assert m["classes"] == 151 and len(ds.classes) == 151 and ds.classes[24] == "pikachu"
-    assert m["per_class"]["median"] >= 25
-    x, y = ds.sets["artwork"]
-    assert len(y) == 151 and x.shape[1:] == (3, 32, 32)
-    assert set(ds.sets) == {"train", "val", "test", "artwork"}
-
-
-def test_data_info_json(messy_folder: Path):
-    out = pokestudy("data", "info", "--data", str(messy_folder), "--res", "32", "--json")
+def test_data_info_json(messy_folder: Path, capsys):
+    out = cli(capsys, "data", "info", "--data", str(messy_folder), "--res", "32", "--json")
     assert out.returncode == 0, out.stderr
     info = json.loads(out.stdout)
     assert info["classes"] == 4 and info["images"] == 32 and len(info["duplicates"]) == 1
@@ -125,10 +115,11 @@ def test_data_info_json(messy_folder: Path):
     assert sum(info["splits"].values()) == 32 and Path(info["cache"]).is_file()
 
 
-def test_the_same_bytes_under_two_classes_are_a_label_conflict_and_neither_copy_is_used(messy_folder: Path):
+def test_the_same_bytes_under_two_classes_are_a_label_conflict_and_neither_copy_is_used(messy_folder: Path,
+                                                                                        capsys):
     original = messy_folder / "class2" / "3.jpg"
     (messy_folder / "class1" / "stray.jpg").write_bytes(original.read_bytes())
-    out = pokestudy("data", "info", "--data", str(messy_folder), "--res", "32")
+    out = cli(capsys, "data", "info", "--data", str(messy_folder), "--res", "32")
     assert out.returncode == 0, out.stderr
     assert "conflicts   1" in out.stdout and "class2/3.jpg = class1/stray.jpg" in out.stdout.replace(
         "class1/stray.jpg = class2/3.jpg", "class2/3.jpg = class1/stray.jpg")
@@ -213,7 +204,8 @@ def _split_of(data, image: torch.Tensor) -> str:
     return next(s for s in ("train", "val", "test") if (data.sets[s][0] == image).flatten(1).all(1).any())
 
 
-def test_a_recropped_rescaled_reencoded_copy_is_a_near_duplicate_and_lands_in_its_originals_split(tmp_path: Path):
+def test_a_recropped_rescaled_reencoded_copy_is_a_near_duplicate_and_lands_in_its_originals_split(tmp_path: Path,
+                                                                                                  capsys):
     root = _pictures(tmp_path / "pics", 4)
     _near_copy(root / "Bulbasaur" / "00000023.jpg", root / "Bulbasaur" / "copy.jpg")
     ds = load(str(root), 32)
@@ -231,10 +223,10 @@ def test_a_recropped_rescaled_reencoded_copy_is_a_near_duplicate_and_lands_in_it
         straddled += apart
     assert straddled, "under the exact-bytes rule the copy straddles a split for some seed"
     for bad_rule in ("-1", "33", "10+crop"):
-        bad = pokestudy("data", "info", "--data", str(root), "--res", "32", "--near-duplicates", bad_rule)
+        bad = cli(capsys, "data", "info", "--data", str(root), "--res", "32", "--near-duplicates", bad_rule)
         assert bad.returncode == 2 and f"near-duplicates {bad_rule} is out of range" in bad.stderr
         assert len(bad.stderr.strip().splitlines()) == 1
-    out = pokestudy("data", "info", "--data", str(root), "--res", "32", "--near-duplicates", "10")
+    out = cli(capsys, "data", "info", "--data", str(root), "--res", "32", "--near-duplicates", "10")
     assert out.returncode == 0, out.stderr
     assert "near-dups   1 groups of 2 images within 10 of 64 pHash bits" in out.stdout
     assert "Bulbasaur/00000023.jpg ~ Bulbasaur/copy.jpg" in out.stdout
@@ -292,14 +284,14 @@ def test_a_tight_crop_and_a_new_background_are_grouped_with_their_originals(tmp_
     assert data.manifest["near_duplicates"]["threshold"] == "10+crops", "the rule that changed the split"
 
 
-def test_data_info_json_lists_every_near_duplicate_group_and_the_text_stays_short(tmp_path: Path):
+def test_data_info_json_lists_every_near_duplicate_group_and_the_text_stays_short(tmp_path: Path, capsys):
     root = _pictures(tmp_path / "pics", 5)
-    out = pokestudy("data", "info", "--data", str(root), "--res", "32", "--json")
+    out = cli(capsys, "data", "info", "--data", str(root), "--res", "32", "--json")
     assert out.returncode == 0, out.stderr
     info = json.loads(out.stdout)
     assert sorted(map(sorted, (g["paths"] for g in info["near_duplicate_groups"]))) == sorted(map(sorted, REUSED))
     assert info["near_duplicates"]["groups"] == 3 and info["near_duplicates"]["crop_groups"] == 3
-    text = pokestudy("data", "info", "--data", str(root), "--res", "32")
+    text = cli(capsys, "data", "info", "--data", str(root), "--res", "32")
     assert text.returncode == 0, text.stderr
     line = next(x for x in text.stdout.splitlines() if x.startswith("near-dups"))
     assert "3 groups of 6 images within 10 of 64 pHash bits or one picture cropped (3 groups only so)" in line
@@ -355,7 +347,7 @@ def test_a_crop_of_a_training_picture_is_left_out_of_an_outside_set(tmp_path: Pa
     assert again.manifest["evals"]["outside"] == info
 
 
-def test_classes_too_small_to_split_are_trained_on_only_and_none_splittable_is_one_line(tmp_path: Path):
+def test_classes_too_small_to_split_are_trained_on_only_and_none_splittable_is_one_line(tmp_path: Path, capsys):
     from tests.conftest import jpeg
 
     root = _pictures(tmp_path / "pics", 5)
@@ -363,7 +355,7 @@ def test_classes_too_small_to_split_are_trained_on_only_and_none_splittable_is_o
     (root / "Mew" / "only.jpg").write_bytes(jpeg((120, 60, 200), seed=5))
     assert prepare(str(root), 32).manifest["train_only"] == ["Mew"]
     one = _pictures(tmp_path / "one", 1)  # one picture per class: nothing to validate or test on
-    out = pokestudy("train", "--arch", "cnn", "--data", str(one), "--res", "32", "--width", "4", "--epochs", "1")
+    out = cli(capsys, "train", "--arch", "cnn", "--data", str(one), "--res", "32", "--width", "4", "--epochs", "1")
     assert out.returncode == 2, out.stderr
     assert len(out.stderr.strip().splitlines()) == 1 and "Traceback" not in out.stderr
     assert "too few pictures to split" in out.stderr and "Bulbasaur (1), Charmander (1), Squirtle (1)" in out.stderr

@@ -11,7 +11,7 @@ from pokestudy import UserError
 from pokestudy.cli import main
 from pokestudy.data import prepare
 from pokestudy.train import Diverged, Schedule, TrialConfig, quarter, run_trial, settled
-from tests.conftest import pokestudy
+from tests.conftest import cli
 
 pytestmark = pytest.mark.fast  # the edit-test loop: `pytest -m fast`
 
@@ -137,9 +137,9 @@ def test_bad_config_values_are_user_errors():
             TrialConfig(**bad)
 
 
-def test_train_command_prints_one_json_object_per_epoch_then_a_final_one():
-    out = pokestudy("train", "--data", DATA, "--arch", "cnn", "--epochs", "2", "--res", "32", "--width", "4",
-                    "--batch-size", "16", "--json")
+def test_train_command_prints_one_json_object_per_epoch_then_a_final_one(capsys):
+    out = cli(capsys, "train", "--data", DATA, "--arch", "cnn", "--epochs", "2", "--res", "32", "--width", "4",
+              "--batch-size", "16", "--json")
     assert out.returncode == 0, out.stderr
     lines = [json.loads(line) for line in out.stdout.splitlines()]
     assert [l["epoch"] for l in lines[:-1]] == [1, 2] and lines[-1]["final"] is True
