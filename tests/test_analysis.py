@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from tests.conftest import jpeg, pokestudy
+from tests.conftest import cli, jpeg, pokestudy
 from tests.test_report import NOISE, _stored_study
 
 SYNTHETIC = {"source": "synthetic:classes=4,per_class=12,size=32", "res": 32}
@@ -26,7 +26,7 @@ def _jitter(condition: dict, seed: int, scale: float = 0.003) -> float:
 
 
 @pytest.mark.fast
-def test_an_effect_that_varies_across_cells_gets_its_simple_effects_and_a_uniform_one_does_not(tmp_path: Path):
+def test_an_effect_that_varies_across_cells_gets_its_simple_effects_and_a_uniform_one_does_not(tmp_path: Path, capsys):
     raw = {"name": "cells", "data": SYNTHETIC, "seeds": [0, 1, 2], "fixed": {"width": 4},
            "factors": {"t": {"off": {}, "on": {"dropout": 0.1}}, "s": {"x": {}, "y": {"weight_decay": 0.01}},
                        "u": {"off": {}, "on": {"label_smoothing": 0.1}}}}
@@ -36,7 +36,7 @@ def test_an_effect_that_varies_across_cells_gets_its_simple_effects_and_a_unifor
         return 1.0, 1.0 - gap - _jitter(c, seed), True  # t: +2 points at s=x, +10 at s=y; u: +5 everywhere
 
     _stored_study(tmp_path, raw, outcome)
-    out = pokestudy("report", "--study", "cells", "--results", str(tmp_path))
+    out = cli(capsys, "report", "--study", "cells", "--results", str(tmp_path))
     assert out.returncode == 0, out.stderr
     verdicts = pd.read_csv(tmp_path / "cells" / "verdicts.csv", keep_default_na=False).set_index("claim")
     assert verdicts.loc["t=on vs off", "varies_with"] == "s" and verdicts.loc["u=on vs off", "varies_with"] == ""
@@ -160,7 +160,7 @@ def test_an_adaptive_study_gets_steins_intervals_from_its_pilot_and_says_what_un
 
 
 @pytest.mark.fast
-def test_the_scaling_law_is_extrapolated_only_where_its_form_does_not_decide(tmp_path: Path):
+def test_the_scaling_law_is_extrapolated_only_where_its_form_does_not_decide(tmp_path: Path, capsys):
     raw = {"name": "forms", "data": {**SYNTHETIC, "source": "synthetic:classes=4,per_class=24,size=32"},
            "seeds": [0, 1, 2], "fixed": {"width": 4},
            "factors": {"law": {"power": {}, "loglinear": {"dropout": 0.1}},
@@ -175,7 +175,7 @@ def test_the_scaling_law_is_extrapolated_only_where_its_form_does_not_decide(tmp
         return 1.0, 1.0 - gap * (1 + NOISE[seed]) - _jitter(c, seed, 0.002), True
 
     _stored_study(tmp_path, raw, outcome)
-    out = pokestudy("report", "--study", "forms", "--results", str(tmp_path))
+    out = cli(capsys, "report", "--study", "forms", "--results", str(tmp_path))
     assert out.returncode == 0, out.stderr
     fits = pd.read_csv(tmp_path / "forms" / "scaling.csv", keep_default_na=False).set_index("law")
     power, loglinear = fits.loc["power"], fits.loc["loglinear"]

@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 
 from pokestudy.study.spec import Study
-from tests.conftest import pokestudy
+from tests.conftest import cli
 from tests.test_report import NOISE, _summary
 
 DATA = {"source": "synthetic:classes=4,per_class=12,size=32", "res": 32}
@@ -49,7 +49,7 @@ def test_the_budget_check_runs_longer_trials_for_the_stated_seeds():
 
 
 @pytest.mark.fast
-def test_a_claim_whose_label_changes_at_twice_the_budget_is_budget_dependent(tmp_path: Path):
+def test_a_claim_whose_label_changes_at_twice_the_budget_is_budget_dependent(tmp_path: Path, capsys):
     raw = {"name": "budgets", "data": DATA, "seeds": [0, 1, 2, 3], "fixed": {"width": 4, "epochs": 5},
            "factors": {"treatment": {"ref": {}, "early": {"dropout": 0.1}, "robust": {"dropout": 0.2},
                                      "noisy": {"dropout": 0.3}}},
@@ -64,7 +64,7 @@ def test_a_claim_whose_label_changes_at_twice_the_budget_is_budget_dependent(tmp
         return 1.0, test, round(5 * budget)
 
     _store(tmp_path, raw, outcome)
-    out = pokestudy("report", "--study", "budgets", "--results", str(tmp_path))
+    out = cli(capsys, "report", "--study", "budgets", "--results", str(tmp_path))
     assert out.returncode == 0, out.stderr
     check = pd.read_csv(tmp_path / "budgets" / "budget_check.csv").set_index("claim")
     assert check.loc["treatment=early vs ref", "budget_check"] == "budget-dependent"
@@ -84,14 +84,14 @@ def test_a_claim_whose_label_changes_at_twice_the_budget_is_budget_dependent(tmp
 
 
 @pytest.mark.fast
-def test_the_summary_shows_the_pilot_that_chose_the_budget(tmp_path: Path):
+def test_the_summary_shows_the_pilot_that_chose_the_budget(tmp_path: Path, capsys):
     pilot = {"name": "pilot", "data": DATA, "seeds": [0], "fixed": {"width": 4},
              "factors": {"arch": ["cnn", "resnet"], "epochs": [5, 10]}}
     _store(tmp_path, pilot, lambda c, s, b: (1.0, {"5": 0.4, "10": 0.6}[c["epochs"]], int(c["epochs"])))
     main = {"name": "main", "data": DATA, "seeds": [0, 1, 2], "fixed": {"width": 4, "epochs": 10},
             "factors": {"arch": ["cnn", "resnet"]}, "budget_check": {"seeds": 1, "pilot": "pilot"}}
     _store(tmp_path, main, lambda c, s, b: (1.0, 0.5 + NOISE[s], round(10 * b)))
-    assert pokestudy("report", "--study", "main", "--results", str(tmp_path)).returncode == 0
+    assert cli(capsys, "report", "--study", "main", "--results", str(tmp_path)).returncode == 0
     summary = (tmp_path / "main" / "summary.md").read_text()
     assert "**The budget's pilot** (study `pilot`)" in summary
     section = summary[summary.index("**The budget's pilot**"):].split("\n\n")[1]  # the pilot's table
@@ -102,7 +102,7 @@ def test_the_summary_shows_the_pilot_that_chose_the_budget(tmp_path: Path):
 
 
 @pytest.mark.fast
-def test_training_length_that_predicts_test_accuracy_within_a_condition_is_flagged(tmp_path: Path):
+def test_training_length_that_predicts_test_accuracy_within_a_condition_is_flagged(tmp_path: Path, capsys):
     raw = {"name": "lengths", "data": DATA, "seeds": list(range(8)), "fixed": {"width": 4},
            "factors": {"treatment": {"a": {}, "b": {"dropout": 0.1}}}}
 
@@ -113,7 +113,7 @@ def test_training_length_that_predicts_test_accuracy_within_a_condition_is_flagg
         return 1.0, 0.55 + [0.01, -0.01][seed % 2], epochs  # in `b` length and result are unrelated
 
     _store(tmp_path, raw, outcome)
-    out = pokestudy("report", "--study", "lengths", "--results", str(tmp_path))
+    out = cli(capsys, "report", "--study", "lengths", "--results", str(tmp_path))
     assert out.returncode == 0, out.stderr
     summary = (tmp_path / "lengths" / "summary.md").read_text()
     assert "**Training length varies** within 2 condition(s); it predicts test accuracy" in summary
@@ -121,11 +121,11 @@ def test_training_length_that_predicts_test_accuracy_within_a_condition_is_flagg
 
 
 @pytest.mark.fast
-def test_a_fixed_schedule_says_training_length_cannot_predict_a_result(tmp_path: Path):
+def test_a_fixed_schedule_says_training_length_cannot_predict_a_result(tmp_path: Path, capsys):
     raw = {"name": "fixed", "data": DATA, "seeds": [0, 1, 2], "fixed": {"width": 4},
            "factors": {"treatment": {"a": {}, "b": {"dropout": 0.1}}}}
     _store(tmp_path, raw, lambda c, s, b: (1.0, 0.5 + NOISE[s], 5))
-    assert pokestudy("report", "--study", "fixed", "--results", str(tmp_path)).returncode == 0
+    assert cli(capsys, "report", "--study", "fixed", "--results", str(tmp_path)).returncode == 0
     summary = (tmp_path / "fixed" / "summary.md").read_text()
     assert "all trials trained the same number of epochs under the same fixed schedule" in summary
     assert "**Budget check: not run**" in summary

@@ -14,7 +14,7 @@ from PIL import Image
 
 from pokestudy import UserError
 from pokestudy.study.record import TrialRecord
-from tests.conftest import pokestudy
+from tests.conftest import cli, pokestudy
 from tests.test_reliability import assert_one_line_error
 
 
@@ -160,7 +160,7 @@ NOISE = [0.01, -0.01, 0.005, -0.005]
 
 
 @pytest.mark.fast
-def test_verdict_labels_follow_the_evidence(tmp_path: Path):
+def test_verdict_labels_follow_the_evidence(tmp_path: Path, capsys):
     raw = {"name": "labels", "data": {"source": "synthetic:classes=4,per_class=12,size=32", "res": 32},
            "factors": {"treatment": {"ref": {}, "clear": {"dropout": 0.1}, "null": {"dropout": 0.2},
                                      "noisy": {"dropout": 0.3}, "stuck": {"dropout": 0.4}}},
@@ -175,7 +175,7 @@ def test_verdict_labels_follow_the_evidence(tmp_path: Path):
                 "stuck": (0.95, 0.65 + e, False)}[condition["treatment"]]  # as clear, but still learning at the end
 
     _stored_study(tmp_path, raw, outcome)
-    out = pokestudy("report", "--study", "labels", "--results", str(tmp_path))
+    out = cli(capsys, "report", "--study", "labels", "--results", str(tmp_path))
     assert out.returncode == 0, out.stderr
     verdicts = pd.read_csv(tmp_path / "labels" / "verdicts.csv").set_index("claim")["verdict"].to_dict()
     assert verdicts == {"treatment=clear vs ref": "closes the gap",
@@ -191,7 +191,7 @@ def test_verdict_labels_follow_the_evidence(tmp_path: Path):
 
 
 @pytest.mark.fast
-def test_a_report_on_a_study_of_other_factors_names_its_own_factors(tmp_path: Path):
+def test_a_report_on_a_study_of_other_factors_names_its_own_factors(tmp_path: Path, capsys):
     raw = {"name": "custom", "data": {"source": "synthetic:classes=4,per_class=12,size=32", "res": 32},
            "factors": {"width": [4, 8], "dropout": [0.0, 0.3]}, "seeds": [0, 1, 2],
            "report": {"interactions": [["width", "dropout"]]}}
@@ -200,7 +200,7 @@ def test_a_report_on_a_study_of_other_factors_names_its_own_factors(tmp_path: Pa
         return 1.0, 0.5 + 0.1 * (condition["width"] == "8") + NOISE[seed], True
 
     _stored_study(tmp_path, raw, outcome)
-    out = pokestudy("report", "--study", "custom", "--results", str(tmp_path))
+    out = cli(capsys, "report", "--study", "custom", "--results", str(tmp_path))
     assert out.returncode == 0, out.stderr
     claims = pd.read_csv(tmp_path / "custom" / "verdicts.csv")["claim"].tolist()
     assert claims == ["width=8 vs 4", "dropout=0.3 vs 0.0", "(width=8 − 4) at dropout=0.3 vs 0.0"]
@@ -213,7 +213,7 @@ def test_a_report_on_a_study_of_other_factors_names_its_own_factors(tmp_path: Pa
 
 
 @pytest.mark.fast
-def test_the_gap_against_data_size_gets_a_power_law_and_an_extrapolation_or_a_refusal(tmp_path: Path):
+def test_the_gap_against_data_size_gets_a_power_law_and_an_extrapolation_or_a_refusal(tmp_path: Path, capsys):
     raw = {"name": "sizes", "data": {"source": "synthetic:classes=4,per_class=24,size=32", "res": 32},
            "factors": {"arch": ["cnn", "resnet"], "train_fraction": [0.125, 0.25, 0.5, 1.0]},
            "seeds": [0, 1, 2], "fixed": {"width": 4}}
@@ -225,7 +225,7 @@ def test_the_gap_against_data_size_gets_a_power_law_and_an_extrapolation_or_a_re
         return 1.0, 1.0 - gap, True  # cnn: gap = 0.8 n^-0.5, 10 points at n = 64; resnet: no trend
 
     _stored_study(tmp_path, raw, outcome)
-    out = pokestudy("report", "--study", "sizes", "--results", str(tmp_path))
+    out = cli(capsys, "report", "--study", "sizes", "--results", str(tmp_path))
     assert out.returncode == 0, out.stderr
     fits = pd.read_csv(tmp_path / "sizes" / "scaling.csv").set_index("arch")
     cnn, resnet = fits.loc["cnn"], fits.loc["resnet"]
@@ -246,13 +246,13 @@ def test_the_gap_against_data_size_gets_a_power_law_and_an_extrapolation_or_a_re
 
 
 @pytest.mark.fast
-def test_compare_two_runs_of_one_design_on_different_data_rules(tmp_path: Path):
+def test_compare_two_runs_of_one_design_on_different_data_rules(tmp_path: Path, capsys):
     raw = {"name": "exact", "data": {"source": "synthetic:classes=4,per_class=12,size=32", "res": 32},
            "factors": {"arch": ["cnn", "resnet"]}, "seeds": [0, 1, 2], "fixed": {"width": 4}}
     _stored_study(tmp_path, raw, lambda c, seed: (1.0, 0.70 + NOISE[seed], True))
     near = {**raw, "name": "near", "data": {**raw["data"], "near_duplicates": 12}}
     _stored_study(tmp_path, near, lambda c, seed: (1.0, 0.70 + NOISE[seed] - 0.1 * (c["arch"] == "cnn"), True))
-    out = pokestudy("compare", "exact", "near", "--results", str(tmp_path))
+    out = cli(capsys, "compare", "exact", "near", "--results", str(tmp_path))
     assert out.returncode == 0, out.stderr
     assert "**arch=cnn**, test accuracy: 70.2 (exact) → 60.2 (near), -10.0 points [" in out.stdout
     table = pd.read_csv(tmp_path / "exact-vs-near" / "comparison.csv").set_index(["condition", "metric"])["verdict"]
@@ -263,7 +263,7 @@ def test_compare_two_runs_of_one_design_on_different_data_rules(tmp_path: Path):
     assert "What differs: data.near_duplicates: (none) → 12." in summary and "4 claims" in summary
     other = {**raw, "name": "other", "factors": {"width": [4, 8]}, "fixed": {}}
     _stored_study(tmp_path, other, lambda c, seed: (1.0, 0.7, True))
-    out = pokestudy("compare", "exact", "other", "--results", str(tmp_path))
+    out = cli(capsys, "compare", "exact", "other", "--results", str(tmp_path))
     assert out.returncode == 2 and out.stderr.count("\n") == 1 and "different factors" in out.stderr
 
 
