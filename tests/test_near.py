@@ -40,3 +40,21 @@ def test_candidates_stay_few_per_picture_and_keep_the_copies_originals():
     found = {(int(i), int(j)) for i, j in pairs}
     kept = sum((k, k + n) in found for k in range(n))
     assert kept >= n - 1  # (15 of 15 here): a copy shares its rarest corners with its original
+
+
+def test_a_crop_match_across_classes_joins_no_group(tmp_path: Path):
+    """Across classes the matcher mostly finds shared screen furniture around different figures, so only
+    pairs within one class join a group; the same picture filed under a second class stays apart."""
+    from pokestudy.data import prepare
+
+    for d in sorted(FIXTURES.iterdir()):
+        (tmp_path / d.name).mkdir()
+        for f in sorted(d.iterdir()):
+            (tmp_path / d.name / f.name).write_bytes(f.read_bytes())
+    original = open_raster((FIXTURES / "Squirtle" / "00000029.jpg").read_bytes())
+    w, h = original.size  # a crop to half the frame at an offset: another pHash, so only the crop matcher joins it
+    box = (round(0.35 * w), round(0.15 * h), round(0.85 * w), round(0.65 * h))
+    copy = original.crop(box).resize((128, 128), Image.Resampling.BILINEAR)
+    copy.save(tmp_path / "Charmander" / "filed-twice.jpg", "JPEG", quality=80)
+    groups = [set(g["paths"]) for g in prepare(str(tmp_path), 32).near_groups]
+    assert not any("Charmander/filed-twice.jpg" in g for g in groups)  # in Squirtle it is grouped (test_data)

@@ -24,7 +24,7 @@ from pokestudy.data import near, sources
 from pokestudy.data.split import SPLITS, split
 from pokestudy.models import MIN_RES
 
-CACHE_FORMAT = 6  # bump when decoding or matching changes, so old caches are rebuilt (6: `near.TOP`)
+CACHE_FORMAT = 7  # bump when decoding or matching changes, so old caches are rebuilt (7: crop pairs in class)
 MAX_RES = 1024  # the one resolution bound of the package: MIN_RES comes from the models
 
 
@@ -156,6 +156,7 @@ def _build(raw: sources.Raw, key: dict) -> dict:
     extras = {name: (_stack(imgs), torch.tensor(lbls, dtype=torch.long)) for name, (imgs, lbls) in raw.extras.items()}
     feats = near.Features.stack([raw.features[i] for i in keep]) if raw.features else None
     crop_pairs = near.matches(feats, progress=sources.progress) if feats else np.zeros((0, 2), np.int64)
+    crop_pairs = crop_pairs[labels.numpy()[crop_pairs[:, 0]] == labels.numpy()[crop_pairs[:, 1]]]  # in class: see near
     content = hashlib.sha256(json.dumps([raw.classes, [(raw.hashes[i], raw.labels[i]) for i in keep]]).encode())
     for name, (x, y) in extras.items():
         content.update(name.encode() + x.numpy().tobytes() + y.numpy().tobytes())
@@ -408,7 +409,8 @@ def _outside(name: str, path: str, res: int, train: Dataset,
     near_phash = [False] * len(matched)
     if rule.bits and matched:
         near_phash = (hamming(ds.phashes[matched], train.phashes).min(1).values <= rule.bits).tolist()
-    cropped = set(_outside_crop_matches(train, ds).tolist()) if rule.crops else set()
+    pairs = _outside_crop_matches(train, ds) if rule.crops else torch.zeros((0, 2), dtype=torch.long)
+    cropped = {j for i, j in pairs.tolist() if mapping.get(int(ds.labels[j])) == int(train.labels[i])}  # in class
     near_crops = [i in cropped for i in matched]
     keep = [i for i, c, p, k in zip(matched, copy, near_phash, near_crops) if not (c or p or k)]
     if not keep:
@@ -424,8 +426,8 @@ def _outside(name: str, path: str, res: int, train: Dataset,
 
 
 def _outside_crop_matches(train: Dataset, outside: Dataset) -> torch.Tensor:
-    """Indices of the outside set's images that the crop matcher finds in the training data; cached beside
-    both datasets' caches, since matching the two takes as long as grouping one."""
+    """(training image, outside image) pairs that the crop matcher finds; cached beside both datasets' caches,
+    since matching the two takes as long as grouping one."""
     path = train.path.with_name(f"{train.path.stem}.outside-{outside.path.stem}.pt")
     if path.exists():
         return torch.load(path, weights_only=True)
@@ -434,6 +436,6 @@ def _outside_crop_matches(train: Dataset, outside: Dataset) -> torch.Tensor:
                          np.concatenate([a.offsets, a.offsets[-1] + b.offsets[1:]]))
     side = np.r_[np.zeros(len(a), np.int64), np.ones(len(b), np.int64)]
     pairs = near.matches(both, side, progress=sources.progress)  # i < j: j is the outside image
-    found = torch.from_numpy(np.unique(pairs[:, 1] - len(a)))
+    found = torch.from_numpy(pairs - np.array([0, len(a)]))
     _write(found, path)
     return found

@@ -22,6 +22,7 @@ from typing import Any, ClassVar
 import optuna
 
 from pokestudy import UserError, __version__
+from pokestudy.data import near
 from pokestudy.study.spec import Study, condition_id, digest
 from pokestudy.train import TrialConfig, native_bf16
 
@@ -154,8 +155,8 @@ def identity(spec: Study, manifest: dict[str, Any]) -> dict[str, Any]:
         data["split"] = "resample"
     if "evals" in manifest:  # only when there are any, so studies without them keep their identity
         data["evals"] = {name: e["fingerprint"] for name, e in manifest["evals"].items()}
-    if manifest["near_duplicates"]["threshold"]:  # likewise: exact-bytes grouping is what older studies used
-        data["near_duplicates"] = manifest["near_duplicates"]["threshold"]
+    if rule := manifest["near_duplicates"]["threshold"]:  # likewise: exact-bytes grouping is what older studies used
+        data["near_duplicates"] = f"{rule}, matcher {near.MATCHER}" if near.parse_rule(rule).crops else rule
     same = {"design": spec.design(), "data": {k: v for k, v in data.items() if k != "source"}}
     return {"digest": digest(same), "design": spec.design(), "data": data}
 
