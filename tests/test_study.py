@@ -120,6 +120,38 @@ def test_a_diverging_trial_is_recorded_failed_and_the_study_finishes(tmp_path: P
     assert trials["1e+30"].state == TrialState.FAIL and "loss became" in trials["1e+30"].user_attrs["error"]
 
 
+def test_run_under_another_study_name_one_trial_at_a_time_verbose_with_an_outside_set(tmp_path: Path, ray_local,
+                                                                                      capsys):
+    """The flags of `pokestudy run` that change what it does, in one small run: `--study-name` stores the study
+    (and its report) under that name, `--max-concurrent 1` runs one trial at a time where Ray has room for two,
+    `--verbose` shows Ray Tune's own status, and `--eval`'s set is evaluated every epoch."""
+    from tests.conftest import jpeg
+
+    outside = tmp_path / "outside"
+    for c in range(3):
+        (outside / f"class{c:03d}").mkdir(parents=True)  # the synthetic classes' names
+        for i in range(2):
+            (outside / f"class{c:03d}" / f"{i}.jpg").write_bytes(jpeg((70 * c, 120, 200 - 70 * c), seed=10 * c + i))
+    path = write_spec(tmp_path, name="flags", seeds=[0], factors={"augment": ["none", "paper"]},
+                      data={"source": "synthetic:classes=3,per_class=12,size=32", "res": 32},
+                      fixed={"arch": "cnn", "width": 4, "epochs": 2, "batch_size": 16})
+    results = tmp_path / "results"
+    code = main(["run", "--study", str(path), "--results", str(results), "--study-name", "renamed",
+                 "--max-concurrent", "1", "--verbose", "--eval", f"outside={outside}"])
+    out = capsys.readouterr()
+    assert code == 0, out.err
+    url = f"sqlite:///{results / 'pokestudy.db'}"
+    assert [s.study_name for s in optuna.get_all_study_summaries(url)] == ["renamed"]
+    assert (results / "renamed" / "summary.md").exists() and not (results / "flags").exists()
+    trials = optuna.load_study(study_name="renamed", storage=url).trials
+    (a_start, a_end), (b_start, b_end) = sorted((t.datetime_start, t.datetime_complete) for t in trials)
+    assert a_end <= b_start, "the second trial started after the first had finished"
+    for t in trials:
+        r = TrialRecord.from_trial(t)
+        assert "outside_acc" in r.final and len(r.history["outside_acc"]) == r.epochs == 2
+    assert "== Status ==" in out.out, "Ray Tune's own status table"
+
+
 def _complete(db: Path) -> int:
     try:
         with sqlite3.connect(db, timeout=1) as con:
