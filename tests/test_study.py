@@ -149,7 +149,7 @@ def test_run_under_another_study_name_one_trial_at_a_time_verbose_with_an_outsid
     for t in trials:
         r = TrialRecord.from_trial(t)
         assert "outside_acc" in r.final and len(r.history["outside_acc"]) == r.epochs == 2
-    assert "== Status ==" in out.out, "Ray Tune's own status table"
+    assert "== Status ==" in out.out + out.err, "Ray Tune's own status table"
 
 
 def _complete(db: Path) -> int:
