@@ -115,8 +115,8 @@ def study_overhead(data_spec: str, data: Prepared, cfg: TrialConfig, workdir: Pa
     runner.run_study(study, storage=url, results=workdir, study_name="overhead")
     wall = time.perf_counter() - start
     ray.shutdown()  # the measurements after this one get the machine to themselves
-    trials = optuna.load_study(study_name="overhead", storage=url).get_trials()
-    seconds = [TrialRecord.from_trial(t).seconds for t in trials]
+    stored = optuna.load_study(study_name="overhead", storage=url).get_trials()
+    seconds = [TrialRecord.from_trial(t).seconds for t in stored]
     gpus = study.resources.gpus
     slots = min(trials, int((os.cpu_count() or 1) // study.resources.cpus) or 1,
                 int(torch.cuda.device_count() / gpus) if gpus else trials)

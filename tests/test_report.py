@@ -80,14 +80,13 @@ def test_every_format_figure_and_the_summary_are_written(report: Path):
 
 def test_dashboard_note_and_figure_artifacts_survive_a_second_report(report: Path):
     from optuna.artifacts import get_all_artifact_meta
-    from optuna_dashboard._note import get_note_from_system_attrs
+    from optuna_dashboard import get_note
 
     results = report.parent
     url = f"sqlite:///{results / 'pokestudy.db'}"
     study = optuna.load_study(study_name="smoke", storage=url)
-    storage = optuna.storages.RDBStorage(url)
-    note = get_note_from_system_attrs(storage.get_study_system_attrs(storage.get_study_id_from_name("smoke")), None)
-    assert "## Verdicts" in note["body"] and "pokestudy report --study smoke" in note["body"]
+    note = get_note(study)
+    assert "## Verdicts" in note and "pokestudy report --study smoke" in note
     first = {m.filename: m.artifact_id for m in get_all_artifact_meta(study)}
     assert sorted(first) == ["confusions.png", "curves.png", "effects_over_epochs.png", "gap.png",
                               "predictions.png", "tradeoff.png"]

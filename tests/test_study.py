@@ -238,13 +238,23 @@ def test_a_different_experiment_under_a_stored_name_is_refused_before_anything_i
 
 def test_the_identical_rerun_runs_nothing_and_seeds_may_grow(smoke_run, tmp_path: Path, capsys):
     _, results = smoke_run
-    shutil.copy(results / "pokestudy.db", tmp_path / "pokestudy.db")
-    before = _stored(tmp_path / "pokestudy.db")[2]
+    db = tmp_path / "pokestudy.db"
+    shutil.copy(results / "pokestudy.db", db)
+    before = _stored(db)[2]
     assert main(["run", "--study", "smoke", "--results", str(tmp_path)]) == 0
     assert "already finished" in capsys.readouterr().err
-    assert _stored(tmp_path / "pokestudy.db")[2] == before
+    assert _stored(db)[2] == before
     fewer = write_spec(tmp_path, seeds=[0])  # the same experiment with fewer seeds: nothing to run, not refused
     assert main(["run", "--study", str(fewer), "--results", str(tmp_path)]) == 0
+    assert "already finished" in capsys.readouterr().err and _stored(db)[2] == before
+    more = write_spec(tmp_path, seeds=[0, 1, 2])  # and with more: only the new replicate's trials run
+    assert main(["run", "--study", str(more), "--results", str(tmp_path)]) == 0
+    assert "study smoke: 24 trials, 16 already done" in capsys.readouterr().err
+    after = _stored(db)[2]
+    assert after[:16] == before, "the first two replicates' trials are kept as they were"
+    trials = optuna.load_study(study_name="smoke", storage=f"sqlite:///{db}").trials
+    assert len(trials) == 24 and all(t.state == TrialState.COMPLETE for t in trials)
+    assert sorted(TrialRecord.from_trial(t).seed for t in trials[16:]) == [2] * 8
 
 
 def test_changed_files_in_a_data_folder_are_refused_then_restart_keeps_the_old_study(
