@@ -122,8 +122,8 @@ def write(name: str, generator: str, trials: Trials, table: pd.DataFrame, analys
                   f"(`{marked['rule']}`; {marked['test_images']} of the {info.data['splits']['test']} test images of "
                   "the base split). At the last epoch, per condition: accuracy on those images (*near_copy*) and on "
                   "the rest (*far*), mean ± 95% CI half-width; "
-                  "*inflation* = near_copy − far, how much easier a near copy is, and *lift* = test − far, what the "
-                  "near copies added to test accuracy (their share × the inflation), with 95% t-intervals over "
+                  "*inflation* = near_copy − far, how much easier a near copy is, and *lift* = test − far, what "
+                  "the near copies added to test accuracy (their share × the inflation), with 95% t-intervals over "
                   f"replicates (none under {MIN_SEEDS}; a replicate whose split put no near copy in test is left out).",
                   "", md(copies), ""]
     if report.reference:
