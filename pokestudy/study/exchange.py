@@ -9,6 +9,7 @@ public `JournalStorage` and `copy_study`), and `artifacts/`, the attached files 
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import os
 import shutil
@@ -68,15 +69,16 @@ def import_(src: Path, url: str, results: Path) -> list[str]:
         held = {s.study_name for s in optuna.get_all_study_summaries(target, include_best_trial=False)}
         if clash := sorted(held.intersection(names)):
             raise UserError(f"{url} already holds study {clash[0]!r}; import into another --storage, or keep the "
-                            f"stored one with `pokestudy run --restart` first")
-        done: list[str] = []
+                            "stored one with `pokestudy run --restart` first")
+        begun: list[str] = []
         try:
             for n in names:
+                begun.append(n)  # before the copy: a copy that fails midway leaves a half study to remove
                 optuna.copy_study(from_study_name=n, from_storage=source, to_storage=target)
-                done.append(n)
         except BaseException:
-            for n in done:
-                optuna.delete_study(study_name=n, storage=target)
+            for n in begun:
+                with contextlib.suppress(KeyError):  # the failed copy may not have created its study yet
+                    optuna.delete_study(study_name=n, storage=target)
             raise
     store, files = artifact_store(results), src / ARTIFACTS
     for path in sorted(files.iterdir()) if files.is_dir() else []:
