@@ -271,7 +271,7 @@ class Driver:
             tune_config=tune.TuneConfig(search_alg=feeder(slots, cpus, clock), scheduler=scheduler,
                                         num_samples=len(slots),
                                         metric="val_acc" if scheduler else None, mode="max" if scheduler else None,
-                                        max_concurrent_trials=self._concurrency(clock), reuse_actors=True,
+                                        max_concurrent_trials=self._concurrency(), reuse_actors=True,
                                         trial_dirname_creator=lambda t: t.trial_id),
             run_config=tune.RunConfig(
                 name=f"{name}-{int(time.time())}", storage_path=str((self.results / ".ray").resolve()),
@@ -289,17 +289,25 @@ class Driver:
         if stopping():  # between Tune's steps: every trial is stored whole or left RUNNING for the rerun
             raise KeyboardInterrupt
 
-    def _concurrency(self, clock: Clock) -> int | None:
-        """At most this many trials at once: the user's limit, or under a budget as many as the cluster
-        holds (Tune otherwise asks for one trial more than it can run, which would start later than the
-        clock judged it)."""
-        if self.max_concurrent or clock.deadline is None:
-            return self.max_concurrent
-        have = self.cluster()
-        slots = have.get("CPU", 1) // self.spec.resources.cpus
-        if self.gpus:
-            slots = min(slots, have.get("GPU", 0) // self.gpus)
-        return max(1, int(slots))
+    def _concurrency(self) -> int:
+        """At most this many trials at once: the user's limit, else as many as the cluster's nodes hold.
+        Without a limit Tune keeps one trial of a custom searcher pending at a time, so trials start one
+        by one, each after the previous one's worker came up (short trials never overlapped), and under
+        a budget it would ask for one trial more than can run, which starts later than the clock judged."""
+        return self.max_concurrent or max(1, sum(self._fits(node) for node in self._nodes()))
+
+    def _need(self) -> dict[str, float]:
+        return {"CPU": float(self.spec.resources.cpus), "GPU": float(self.gpus)}
+
+    def _fits(self, have: dict[str, float]) -> int:
+        """How many trials one node's resources hold at once (a small tolerance: 1 GPU holds ten 0.1s)."""
+        return min(int(have.get(k, 0.0) / v + 1e-9) for k, v in self._need().items() if v > 0)
+
+    @staticmethod
+    def _nodes() -> list[dict[str, float]]:
+        import ray
+
+        return [node["Resources"] for node in ray.nodes() if node["Alive"]]
 
     def _epoch_cap(self) -> int:
         return max(TrialConfig.from_dict(self.spec.settings(c)).epochs for c in self.spec.conditions())
@@ -330,7 +338,7 @@ class Driver:
 
         if not ray.is_initialized():
             self._init_ray(ray)
-        self._check_fits(ray)
+        self._check_fits()
 
     def _init_ray(self, ray) -> None:
         sigterm = signal.getsignal(signal.SIGTERM)
@@ -352,13 +360,13 @@ class Driver:
             for logger in ("ray", "ray.tune", "ray.train", "ray.air"):  # failures reach the progress line instead
                 logging.getLogger(logger).setLevel(logging.CRITICAL)
 
-    def _check_fits(self, ray) -> None:
+    def _check_fits(self) -> None:
         """Ray waits forever, saying nothing, for a trial larger than every node: refuse it now,
         before the study is stored. (An autoscaling cluster's future nodes are not counted.)"""
-        need = {"CPU": float(self.spec.resources.cpus), "GPU": float(self.gpus)}
-        nodes = [node["Resources"] for node in ray.nodes() if node["Alive"]]
-        if any(all(have.get(k, 0.0) >= v for k, v in need.items()) for have in nodes):
+        nodes = self._nodes()
+        if any(self._fits(have) for have in nodes):
             return
+        need = self._need()
         most = {k: max((have.get(k, 0.0) for have in nodes), default=0.0) for k in need}
         raise UserError(f"a trial asks for {need['CPU']:g} CPU and {need['GPU']:g} GPU, but no Ray node has that "
                         f"much (the most on one node: {most['CPU']:g} CPU, {most['GPU']:g} GPU); lower "
