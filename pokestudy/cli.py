@@ -145,7 +145,7 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--eval", action="append", metavar="NAME=PATH",
                    help="an outside evaluation set (a folder, one sub-folder per class); repeatable")
     t.add_argument("--device")
-    t.add_argument("--precision", help="fp32, bf16 or auto (default, fp32 until the precision study's verdict)")
+    t.add_argument("--precision", help="fp32, bf16 or auto (default: bf16 where the hardware has it natively, else fp32)")
     _near_arg(t)
     t.add_argument("--json", action="store_true", help="one JSON object per epoch, then a final summary")
     t.set_defaults(func=_train)
@@ -208,9 +208,9 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--res", type=int, default=64)
     b.add_argument("--arch", default="cnn")
     b.add_argument("--trials", type=int, default=8, help="short trials in the study-overhead measurement")
-    b.add_argument("--precision", default="auto", help="the engine's: fp32, bf16 or auto (default: fp32 until the "
-                                                       "precision study's verdict); the FLOP roof is a matmul of "
-                                                       "the same precision")
+    b.add_argument("--precision", default="auto", help="the engine's: fp32, bf16 or auto (default: bf16 where the "
+                                                       "hardware has it natively, else fp32); the FLOP roof is a "
+                                                       "matmul of the same precision")
     b.add_argument("--json", action="store_true")
     b.set_defaults(func=_bench)
 

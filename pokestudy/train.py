@@ -7,7 +7,7 @@ separate number, `train_acc_augmented`.
 
 `precision: bf16` runs the forward pass and the loss under bfloat16 autocast, in training and in
 evaluation, with fp32 master weights; `fp32` runs no autocast. What `auto` becomes
-(`default_precision`: fp32 until the precision study's verdict) is resolved once, when the study is created.
+(`default_precision`: bf16 where the hardware has it natively, else fp32) is resolved once, when the study is created.
 
 The learning rate follows a schedule fixed in advance (`Schedule`: warm-up, then decay to 0 over
 the budget) that reads nothing measured, so every condition of a study trains with the same
@@ -206,11 +206,11 @@ def native_bf16(device: torch.device | str) -> bool:
 
 
 def default_precision(device: torch.device | str) -> Precision:
-    """What `precision: auto` becomes for trials on `device`: fp32 everywhere for now. bf16 is 1.5-2.6x a
-    training step where it is native (an AMX Xeon, issue 22), but it becomes the default only once the
-    `precision` study shows it leaves the verdicts unchanged; until then bf16 is asked for by name, and
-    whether the hardware has it natively (`native_bf16`) goes into the provenance."""
-    return "fp32"
+    """What `precision: auto` becomes for trials on `device`: bf16 where the hardware computes it natively,
+    fp32 elsewhere (emulated bf16 runs slower than fp32). The `precision` study found bf16 equivalent to
+    fp32 within ±2 points on test accuracy and the gap, averaged over both archs (results/precision), and
+    its trials ran 1.5-2x faster on a CPU with AVX-512 BF16."""
+    return "bf16" if native_bf16(device) else "fp32"
 
 
 def autocast(device: torch.device, precision: Precision) -> torch.autocast:
