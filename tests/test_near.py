@@ -58,3 +58,21 @@ def test_a_crop_match_across_classes_joins_no_group(tmp_path: Path):
     copy.save(tmp_path / "Charmander" / "filed-twice.jpg", "JPEG", quality=80)
     groups = [set(g["paths"]) for g in prepare(str(tmp_path), 32).near_groups]
     assert not any("Charmander/filed-twice.jpg" in g for g in groups)  # in Squirtle it is grouped (test_data)
+
+
+def test_strongest_ranks_only_above_its_floor_yet_agrees_with_ranking_all():
+    """`strongest` skips entries below a floor that is at most each owner's k-th largest; ties included."""
+    for seed in range(50):
+        rng = np.random.default_rng(seed)
+        owner = rng.integers(0, int(rng.integers(1, 20)), int(rng.integers(0, 300)))
+        strength = rng.integers(0, 5, len(owner)).astype(float)
+        k = int(rng.integers(1, 10))
+        order = np.lexsort((-strength, owner))
+        rank = np.arange(len(order)) - np.searchsorted(owner[order], owner[order], side="left")
+        assert near.strongest(owner, strength, k).tolist() == order[rank < k].tolist()
+
+
+def test_distinct_is_unique():
+    values = np.random.default_rng(0).integers(0, 50, 200)
+    assert near.distinct(values).tolist() == np.unique(values).tolist()
+    assert near.distinct(np.zeros(0, np.int64)).tolist() == []

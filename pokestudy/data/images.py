@@ -73,11 +73,6 @@ def open_raster(data: bytes) -> Image.Image:
         raise Undecodable(f"corrupt image: {e}") from None
 
 
-def decode_file(data: bytes, res: int) -> tuple[np.ndarray, np.ndarray, tuple[np.ndarray, np.ndarray]]:
-    """`decode` of the picture a file holds."""
-    return decode(open_raster(data), res)
-
-
 def decode(img: Image.Image, res: int) -> tuple[np.ndarray, np.ndarray, tuple[np.ndarray, np.ndarray]]:
     """The squared image, the perceptual hash and the local features (`near.features`) of a picture: both
     hashes need the picture before it is squared and shrunk."""

@@ -19,7 +19,9 @@ a study grouped with the crop matcher records (so a stored one is refused, not r
 
 from __future__ import annotations
 
+import os
 import re
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable
 
@@ -39,6 +41,7 @@ TOP = 8  # each picture's strongest candidates that are checked (`strongest`)
 RATIO = 0.75  # Lowe's ratio test on the candidate pair's own best two matches
 REPROJECTION = 4.0  # pixels at SIZE
 MIN_INLIERS = 10  # keypoints that must agree on one affine map; across classes that is not enough (see above)
+CHUNK = 500  # candidate pairs a thread checks at a time (and between progress lines)
 
 Progress = Callable[[str], None]
 
@@ -78,7 +81,7 @@ def features(img: Image.Image) -> tuple[np.ndarray, np.ndarray]:
     points, desc = orb.detectAndCompute(grey, None)
     if desc is None:
         return np.zeros((0, 2), np.float16), np.zeros((0, 32), np.uint8)
-    return np.array([p.pt for p in points], np.float16).reshape(-1, 2), desc
+    return cv2.KeyPoint_convert(points).astype(np.float16).reshape(-1, 2), desc
 
 
 @dataclass
@@ -109,15 +112,28 @@ class Features:
 
 def matches(feats: Features, side: np.ndarray | None = None, progress: Progress | None = None) -> np.ndarray:
     """Verified pairs (P x 2, i < j) of pictures that show one picture; with `side` (0/1 per picture)
-    only pairs across the two sides are looked for (an outside set against the training data)."""
+    only pairs across the two sides are looked for (an outside set against the training data). The checks
+    run on `workers()` threads: OpenCV releases the GIL, and each check is independent and deterministic."""
     candidates = candidate_pairs(feats, side, progress)
+    chunks = [candidates[k:k + CHUNK] for k in range(0, len(candidates), CHUNK)]
     keep = []
-    for n, (i, j) in enumerate(candidates):
-        if progress and n % 500 == 0:
-            progress(f"near-duplicates: checking {n:,} of {len(candidates):,} candidate pairs")
-        if inliers(feats.of(int(i)), feats.of(int(j))) >= MIN_INLIERS:
-            keep.append((i, j))
-    return np.array(keep, dtype=np.int64).reshape(-1, 2)
+    with ThreadPoolExecutor(workers()) as pool:
+        for n, ok in enumerate(pool.map(lambda pairs: _verified(feats, pairs), chunks)):
+            if progress:
+                progress(f"near-duplicates: checked {min((n + 1) * CHUNK, len(candidates)):,} of "
+                         f"{len(candidates):,} candidate pairs")
+            keep.append(chunks[n][ok])
+    return np.concatenate(keep or [np.zeros((0, 2), np.int64)]).astype(np.int64).reshape(-1, 2)
+
+
+def _verified(feats: Features, pairs: np.ndarray) -> np.ndarray:
+    """Which of `pairs` pass the geometric check."""
+    return np.array([inliers(feats.of(int(i)), feats.of(int(j))) >= MIN_INLIERS for i, j in pairs], bool)
+
+
+def workers() -> int:
+    """Threads for decoding and matching: the cores this process may use (the issue's budget is 2 cores)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def candidate_pairs(feats: Features, side: np.ndarray | None = None, progress: Progress | None = None) -> np.ndarray:
@@ -134,9 +150,12 @@ def candidate_pairs(feats: Features, side: np.ndarray | None = None, progress: P
     this kept the copy's original for 90% / 94% / 100% of 40-50% / 50-70% / 70-90% crops, where all pairs
     with 3 votes held 94% / 96% / 100%, with 20,000 candidates instead of 284,000."""
     a, b = close_descriptors(feats, side, progress)
+    if progress:
+        progress(f"near-duplicates: ranking the pictures that {len(a):,} close keypoint pairs join")
     owner, n = feats.owners(), len(feats)
     ia, ib = owner[a], owner[b]
-    partners = np.bincount(np.r_[a, b], minlength=len(feats.descriptors)).astype(np.float64)
+    partners = (np.bincount(a, minlength=len(feats.descriptors))
+                + np.bincount(b, minlength=len(feats.descriptors))).astype(np.float64)
     images, which, votes = np.unique(np.minimum(ia, ib) * n + np.maximum(ia, ib), return_inverse=True,
                                      return_counts=True)
     weight = np.bincount(which, weights=1 / np.sqrt(partners[a] * partners[b]), minlength=len(images))
@@ -152,11 +171,26 @@ def candidate_pairs(feats: Features, side: np.ndarray | None = None, progress: P
 
 
 def strongest(owner: np.ndarray, strength: np.ndarray, k: int) -> np.ndarray:
-    """Positions of each owner's `k` largest strengths (ties: the earlier position first)."""
-    order = np.lexsort((-strength, owner))
+    """Positions of each owner's `k` largest strengths (ties: the earlier position first). Only entries at or
+    above `_floor` are ranked: sorting all of them (millions) was most of the ranking's time."""
+    keep = np.flatnonzero(strength >= _floor(owner, strength, k))
+    order = keep[np.lexsort((-strength[keep], owner[keep]))]
     ranked = owner[order]
     rank = np.arange(len(order)) - np.searchsorted(ranked, ranked, side="left")
     return order[rank < k]
+
+
+def _floor(owner: np.ndarray, strength: np.ndarray, k: int) -> np.ndarray:
+    """For each entry, a strength at most its owner's k-th largest, without sorting: the entries fall into k
+    classes by position, and each class's largest of an owner is another entry, so the least of the k
+    largest is at most the k-th largest (-inf where a class has none of the owner's entries)."""
+    size = int(owner.max()) + 1 if len(owner) else 0
+    floor = np.full(size, np.inf)
+    for c in range(k):
+        best = np.full(size, -np.inf)
+        np.maximum.at(best, owner[c::k], strength[c::k])
+        floor = np.minimum(floor, best)
+    return floor[owner]
 
 
 def close_descriptors(feats: Features, side: np.ndarray | None = None,
@@ -164,39 +198,65 @@ def close_descriptors(feats: Features, side: np.ndarray | None = None,
     """Distinct pairs of descriptors of different pictures that share a hash bucket and lie within
     MAX_DISTANCE bits. Each table keys descriptors by random bits; a bucket with more than BUCKET
     descriptors is split by more bits, so every bucket stays small and the work grows linearly with
-    the number of descriptors, not with the number of image pairs."""
-    desc, owner = np.ascontiguousarray(feats.descriptors), feats.owners()
-    words, n = desc.view(np.uint64), len(desc)
+    the number of descriptors, not with the number of image pairs. The tables are independent and
+    NumPy releases the GIL on large arrays, so they are hashed on `workers()` threads."""
+    desc, owner, n = np.ascontiguousarray(feats.descriptors), feats.owners(), len(feats.descriptors)
     rng = np.random.default_rng(0)
+    keys = [rng.choice(256, KEY_BITS[1], replace=False) for _ in range(TABLES)]
     found = []
-    for t in range(TABLES):
-        if progress:
-            progress(f"near-duplicates: hashing {n:,} keypoints, table {t + 1} of {TABLES}")
-        order, buckets = _buckets(desc, rng.choice(256, KEY_BITS[1], replace=False))
-        for size in range(2, BUCKET + 1):
-            starts = buckets[buckets[:, 1] == size, 0]
-            if not len(starts):
-                continue
-            iu, ju = np.triu_indices(size, 1)
-            a, b = order[starts[:, None] + iu].ravel(), order[starts[:, None] + ju].ravel()
-            ok = owner[a] != owner[b]
-            if side is not None:
-                ok &= side[owner[a]] != side[owner[b]]
-            a, b = a[ok], b[ok]
-            near = np.bitwise_count(words[a, 0] ^ words[b, 0]) <= MAX_DISTANCE // 2  # a quarter first: cheap
-            a, b = a[near], b[near]
-            close = np.bitwise_count(words[a] ^ words[b]).sum(1, dtype=np.int64) <= MAX_DISTANCE
-            found.append(np.minimum(a[close], b[close]) * n + np.maximum(a[close], b[close]))
-    pairs = np.unique(np.concatenate(found or [np.zeros(0, np.int64)]))
+    with ThreadPoolExecutor(workers()) as pool:
+        for t, codes in enumerate(pool.map(lambda key: _close_in_table(desc, owner, side, key), keys)):
+            if progress:
+                progress(f"near-duplicates: hashed {n:,} keypoints, table {t + 1} of {TABLES}")
+            found.append(codes)
+    pairs = distinct(np.concatenate(found or [np.zeros(0, np.int64)]))
     return pairs // n, pairs % n
 
 
+def _close_in_table(desc: np.ndarray, owner: np.ndarray, side: np.ndarray | None,
+                    positions: np.ndarray) -> np.ndarray:
+    """The close pairs (a * n + b, a < b) that share a bucket of the table keyed by `positions`. Sorted by key,
+    a bucket's members lie side by side, so its pairs are the descriptors `gap` = 1..BUCKET-1 places apart
+    within one bucket: each gap is a few passes over shifted copies of the sorted descriptor words, in memory
+    order (gathering each pair's words was most of the time)."""
+    order, buckets = _buckets(desc, positions)
+    words = np.take(desc.view(np.uint64), order, axis=0).T.copy()  # 4 x n: each word contiguous
+    who, room = owner[order], _room(buckets, len(desc))
+    found = []
+    for gap in range(1, BUCKET):
+        quarter = np.bitwise_count(words[0, :-gap] ^ words[0, gap:])
+        distance = quarter + np.bitwise_count(words[1:, :-gap] ^ words[1:, gap:]).sum(0, dtype=np.int16)
+        # the quarter's own limit is part of what a close pair is (it was a cheap first pass)
+        a = np.flatnonzero((quarter <= MAX_DISTANCE // 2) & (distance <= MAX_DISTANCE) & (room[:-gap] >= gap))
+        b = a + gap
+        ok = who[a] != who[b]
+        if side is not None:
+            ok &= side[who[a]] != side[who[b]]
+        a, b = order[a[ok]], order[b[ok]]
+        found.append(np.minimum(a, b) * len(desc) + np.maximum(a, b))
+    return np.concatenate(found)
+
+
+def _room(buckets: np.ndarray, n: int) -> np.ndarray:
+    """For each sorted position, how many of its bucket's members follow it (0 outside every bucket)."""
+    start, size = buckets[:, 0], buckets[:, 1]
+    ahead = np.arange(size.sum()) - np.repeat(np.cumsum(size) - size, size)  # place within its bucket
+    room = np.zeros(n, np.int64)
+    room[np.repeat(start, size) + ahead] = np.repeat(size, size) - 1 - ahead
+    return room
+
+
+def distinct(values: np.ndarray) -> np.ndarray:
+    """`np.unique` of an integer array by sorting: NumPy 2's hash-based unique is many times slower on
+    millions of distinct values (numpy/numpy#31969; 15 of the matcher's 29 s on 800 pictures)."""
+    values = np.sort(values)
+    return values[np.r_[True, values[1:] != values[:-1]][:len(values)]]
+
+
 def _buckets(desc: np.ndarray, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Descriptors sorted by their key (the bits at `positions`, first most significant) and the buckets
-    as (start, size) rows: each the shortest key prefix of KEY_BITS[0]..[1] bits that holds at most BUCKET."""
-    key = np.zeros(len(desc), np.uint64)
-    for p in positions:
-        key = (key << np.uint64(1)) | ((desc[:, p >> 3] >> (7 - (p & 7))) & 1).astype(np.uint64)
+    """Descriptors sorted by their key (`_keys`) and the buckets as (start, size) rows: each the shortest
+    key prefix of KEY_BITS[0]..[1] bits that holds at most BUCKET."""
+    key = _keys(desc, positions)
     order = np.argsort(key, kind="stable")
     key = key[order]
     rows, left = [], np.arange(len(key))  # positions not yet in a small enough bucket: whole runs, in order
@@ -212,17 +272,33 @@ def _buckets(desc: np.ndarray, positions: np.ndarray) -> tuple[np.ndarray, np.nd
     return order, np.concatenate(rows)
 
 
+def _keys(desc: np.ndarray, positions: np.ndarray) -> np.ndarray:
+    """Each descriptor's bits at `positions` (of 256; at most 64) as one integer, the first most significant.
+    A table per descriptor byte maps its value to the key bits it sets: one look-up per byte, not one
+    pass over all descriptors per bit (4 times faster)."""
+    table = np.zeros((desc.shape[1], 256), np.uint64)
+    value = np.arange(256)
+    for rank, p in enumerate(positions):
+        bit = ((value >> (7 - (p & 7))) & 1).astype(np.uint64)
+        table[p >> 3] |= bit << np.uint64(len(positions) - 1 - rank)
+    key = np.zeros(len(desc), np.uint64)
+    for byte in np.unique(positions >> 3):
+        key |= table[byte][desc[:, byte]]
+    return key
+
+
 def inliers(a: tuple[np.ndarray, np.ndarray], b: tuple[np.ndarray, np.ndarray]) -> int:
     """Keypoints of `a` whose best match in `b` passes the ratio test and agrees with one affine map
     that is a plausible crop and rescale (scales 0.2..5, aspect change under 2.5, no mirror)."""
     (pa, da), (pb, db) = a, b
     if len(da) < 3 or len(db) < 3:
         return 0
-    good = [m[0] for m in cv2.BFMatcher(cv2.NORM_HAMMING).knnMatch(da, db, k=2)
-            if len(m) == 2 and m[0].distance < RATIO * m[1].distance]
+    # the two nearest in b of each descriptor of a, as BFMatcher.knnMatch finds them, without a Python object each
+    distance, nearest = cv2.batchDistance(da, db, cv2.CV_32S, normType=cv2.NORM_HAMMING, K=2)
+    good = np.flatnonzero(distance[:, 0] < RATIO * distance[:, 1])
     if len(good) < MIN_INLIERS:
         return 0
-    src, dst = pa[[g.queryIdx for g in good]], pb[[g.trainIdx for g in good]]
+    src, dst = pa[good], pb[nearest[good, 0]]
     affine, inlier = cv2.estimateAffine2D(src, dst, method=cv2.RANSAC, ransacReprojThreshold=REPROJECTION)
     if affine is None or inlier is None:
         return 0

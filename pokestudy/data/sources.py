@@ -14,6 +14,8 @@ import shutil
 import subprocess
 import sys
 import tarfile
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,7 +24,8 @@ import torch
 from PIL import Image
 
 from pokestudy import UserError
-from pokestudy.data.images import Undecodable, decode, decode_file, gif_frames, perceptual_hash, rasterize_svg
+from pokestudy.data.images import Undecodable, decode, gif_frames, open_raster, perceptual_hash, rasterize_svg
+from pokestudy.data.near import workers
 from pokestudy.data.pokedex import GEN1
 from pokestudy.imports import failure, is_path, resolve
 
@@ -99,25 +102,37 @@ class Folder:
         return {"source": "folder", "path": str(self.path), "fingerprint": digest}
 
     def load(self, res: int) -> Raw:
+        """Files are opened in order here and decoded on `workers()` threads, a few ahead (a picture waits there
+        at full size): the local features take most of the time, and OpenCV, Pillow and NumPy release the GIL.
+        Opening stays on this thread, since it sets warning filters, which are process-wide."""
         raw = Raw(classes=[d.name for d in self.class_dirs])
-        files = self.files()
-        for n, (label, f) in enumerate(files):
-            if n % 100 == 0:
-                progress(f"decoding {self.path.name}: {n:,} of {len(files):,} files")
-            rel = str(f.relative_to(self.path))
-            data = f.read_bytes()
-            try:
-                image, phash, features = decode_file(data, res)
-            except Undecodable as e:
-                raw.skipped.append({"path": rel, "reason": str(e)})
-                continue
-            digest = hashlib.sha256(data).hexdigest()
-            raw.add(image, label, group=rel, digest=digest, path=rel, phash=phash, features=features)
+        files, pending, ahead = self.files(), deque(), 4 * workers()
+        with ThreadPoolExecutor(workers()) as pool:
+            for n, (label, f) in enumerate(files):
+                if n % 100 == 0:
+                    progress(f"decoding {self.path.name}: {n:,} of {len(files):,} files")
+                rel = str(f.relative_to(self.path))
+                data = f.read_bytes()
+                try:
+                    img = open_raster(data)
+                except Undecodable as e:
+                    raw.skipped.append({"path": rel, "reason": str(e)})
+                    continue
+                pending.append((label, rel, hashlib.sha256(data).hexdigest(), pool.submit(decode, img, res)))
+                while len(pending) > ahead:
+                    _add_decoded(raw, *pending.popleft())
+            while pending:
+                _add_decoded(raw, *pending.popleft())
         empty = [raw.classes[c] for c in range(len(raw.classes)) if c not in set(raw.labels)]
         if empty:
             raise UserError(f"class folder(s) {', '.join(empty[:5])} hold no decodable image; "
                             "remove them or add images")
         return raw
+
+
+def _add_decoded(raw: Raw, label: int, rel: str, digest: str, job: Future) -> None:
+    image, phash, features = job.result()
+    raw.add(image, label, group=rel, digest=digest, path=rel, phash=phash, features=features)
 
 
 class Sprites:
