@@ -10,9 +10,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
+
+# The trials the tests train in this process get one thread, as each trial of a study gets on Ray (resources.cpus:
+# 1). torch's default, a thread per core, bought nothing for these tiny models on an idle machine and made them
+# ~10x slower beside other work (a study running on both cores took the fast tier from ~1.5 to ~10 minutes).
+torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from tests.conftest import cli, jpeg, pokestudy
+from tests.conftest import cli, jpeg
 from tests.test_report import NOISE, _stored_study
 
 SYNTHETIC = {"source": "synthetic:classes=4,per_class=12,size=32", "res": 32}
@@ -212,7 +212,7 @@ def test_every_condition_gets_its_own_colour_and_marker_and_rows_name_their_fact
     assert figures._row_label(row, ["arch", "augment"]) == "arch=cnn · augment=none"
 
 
-def test_prediction_figures_say_so_when_the_data_changed(tmp_path: Path):
+def test_prediction_figures_say_so_when_the_data_changed(tmp_path: Path, capsys):
     folder = tmp_path / "pictures"
     for c, colour in enumerate([(220, 40, 40), (40, 200, 60), (40, 60, 220)]):
         (folder / f"class{c}").mkdir(parents=True)
@@ -221,12 +221,12 @@ def test_prediction_figures_say_so_when_the_data_changed(tmp_path: Path):
     raw = {"name": "moved", "data": {"source": str(folder), "res": 32, "near_duplicates": 0},
            "factors": {"arch": ["cnn", "resnet"]}, "seeds": [0, 1, 2], "fixed": {"width": 4}}
     _stored_study(tmp_path, raw, lambda c, seed: (1.0, 0.7 + NOISE[seed], True))
-    first = pokestudy("report", "--study", "moved", "--results", str(tmp_path))
+    first = cli(capsys, "report", "--study", "moved", "--results", str(tmp_path))
     assert first.returncode == 0, first.stderr
     assert (tmp_path / "moved" / "predictions.png").exists() and "skipped" not in first.stderr
     (tmp_path / "moved" / "predictions.png").unlink()
     (folder / "class0" / "0.jpg").write_bytes(jpeg((10, 10, 10), size=(40, 40), seed=999))  # other content
-    again = pokestudy("report", "--study", "moved", "--results", str(tmp_path))
+    again = cli(capsys, "report", "--study", "moved", "--results", str(tmp_path))
     assert again.returncode == 0, again.stderr
     said = [line for line in again.stderr.splitlines() if "prediction figures" in line]
     assert len(said) == 1 and "the data changed since the study ran (fingerprint" in said[0]
@@ -234,7 +234,8 @@ def test_prediction_figures_say_so_when_the_data_changed(tmp_path: Path):
     assert (tmp_path / "moved" / "verdicts.csv").exists()  # the rest of the report is unaffected
 
 
-def test_a_factor_named_epochs_and_a_bundle_named_seed_are_reported_as_themselves(ray_local, tmp_path: Path):
+def test_a_factor_named_epochs_and_a_bundle_named_seed_are_reported_as_themselves(ray_local, tmp_path: Path,
+                                                                                   capsys):
     from pokestudy.report import trial_figure
     from pokestudy.study import runner, spec
 
@@ -244,7 +245,7 @@ def test_a_factor_named_epochs_and_a_bundle_named_seed_are_reported_as_themselve
     url = f"sqlite:///{tmp_path / 'pokestudy.db'}"
     runner.run_study(spec.load(str(tmp_path / "names.yaml")), storage=url, results=tmp_path, study_name="names",
                      trial_figure=trial_figure)
-    out = pokestudy("report", "--study", "names", "--results", str(tmp_path))
+    out = cli(capsys, "report", "--study", "names", "--results", str(tmp_path))
     assert out.returncode == 0, out.stderr
     trials = pd.read_csv(tmp_path / "names" / "trials.csv")
     assert {"factor:epochs", "epochs", "factor:seed", "seed"} <= set(trials.columns)

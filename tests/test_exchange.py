@@ -8,26 +8,26 @@ from pathlib import Path
 import optuna
 import pandas as pd
 
-from conftest import pokestudy
+from conftest import cli
 
 
 def trial_count(url: str, name: str) -> int:
     return len(optuna.load_study(study_name=name, storage=url).get_trials(deepcopy=False))
 
 
-def test_an_exported_study_imports_reports_the_same_and_resumes(smoke_run, tmp_path: Path):
+def test_an_exported_study_imports_reports_the_same_and_resumes(smoke_run, tmp_path: Path, capsys):
     from pokestudy import api
     from pokestudy.study import runner, spec
 
     url, results = smoke_run
     folder = tmp_path / "archive"
-    done = pokestudy("export", "--study", "smoke", str(folder), "--storage", url, "--results", str(results))
+    done = cli(capsys, "export", "--study", "smoke", str(folder), "--storage", url, "--results", str(results))
     assert done.returncode == 0, done.stderr
     assert done.stderr.strip().splitlines() == [f"exported smoke to {folder}"]
 
     elsewhere = tmp_path / "elsewhere"
     new_url = f"sqlite:///{elsewhere / 'pokestudy.db'}"
-    done = pokestudy("import", str(folder), "--results", str(elsewhere))
+    done = cli(capsys, "import", str(folder), "--results", str(elsewhere))
     assert done.returncode == 0, done.stderr
     assert trial_count(new_url, "smoke") == trial_count(url, "smoke")
 
@@ -35,7 +35,7 @@ def test_an_exported_study_imports_reports_the_same_and_resumes(smoke_run, tmp_p
     pd.testing.assert_frame_equal(before.conditions, after.conditions)
     pd.testing.assert_frame_equal(before.verdicts, after.verdicts)
 
-    report = pokestudy("report", "--study", "smoke", "--results", str(elsewhere))
+    report = cli(capsys, "report", "--study", "smoke", "--results", str(elsewhere))
     assert report.returncode == 0, report.stderr
     assert "skipped" not in report.stderr  # the test predictions came along: the prediction figures are drawn
     assert (elsewhere / "smoke" / "confusions.csv").is_file()
@@ -48,7 +48,7 @@ def test_an_exported_study_imports_reports_the_same_and_resumes(smoke_run, tmp_p
     runner.run_study(spec.load("smoke"), storage=new_url, results=elsewhere, study_name="smoke")
     assert trial_count(new_url, "smoke") == trials  # the identity held: every trial was already done
 
-    again = pokestudy("import", str(folder), "--results", str(elsewhere))
+    again = cli(capsys, "import", str(folder), "--results", str(elsewhere))
     assert again.returncode == 2
     assert again.stderr.strip().splitlines() == [
         f"pokestudy: error: {new_url} already holds study 'smoke'; import into another --storage, or keep the "
@@ -56,21 +56,21 @@ def test_an_exported_study_imports_reports_the_same_and_resumes(smoke_run, tmp_p
     assert trial_count(new_url, "smoke") == trials
 
 
-def test_export_replaces_a_folder_whole_and_refuses_what_is_not_there(smoke_run, tmp_path: Path):
+def test_export_replaces_a_folder_whole_and_refuses_what_is_not_there(smoke_run, tmp_path: Path, capsys):
     url, results = smoke_run
     folder = tmp_path / "archive"
     folder.mkdir()
     (folder / "stale.txt").write_text("from an earlier export")
-    assert pokestudy("export", "--study", "smoke", str(folder), "--storage", url,
-                     "--results", str(results)).returncode == 0
+    assert cli(capsys, "export", "--study", "smoke", str(folder), "--storage", url,
+               "--results", str(results)).returncode == 0
     assert not (folder / "stale.txt").exists() and (folder / "study.journal.gz").is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["archive"]  # no half-built folder left beside it
 
-    missing = pokestudy("export", "--study", "nosuch", str(tmp_path / "x"), "--storage", url)
+    missing = cli(capsys, "export", "--study", "nosuch", str(tmp_path / "x"), "--storage", url)
     assert missing.returncode == 2 and len(missing.stderr.strip().splitlines()) == 1
     assert "no study 'nosuch'" in missing.stderr and not (tmp_path / "x").exists()
 
-    bad = pokestudy("import", str(tmp_path), "--results", str(tmp_path / "r"))
+    bad = cli(capsys, "import", str(tmp_path), "--results", str(tmp_path / "r"))
     assert bad.returncode == 2
     assert bad.stderr.strip() == (f"pokestudy: error: {tmp_path} is not an exported study (no study.journal.gz); "
                                   "make one with `pokestudy export`")

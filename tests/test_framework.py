@@ -20,7 +20,7 @@ from pokestudy import imports
 from pokestudy.cli import main
 from pokestudy.data import load
 from pokestudy.study import spec
-from tests.conftest import ROOT, pokestudy
+from tests.conftest import ROOT, cli, pokestudy
 from tests.test_reliability import assert_one_line_error
 
 MINE = "tests.my_models:tiny"
@@ -233,12 +233,14 @@ def test_the_readmes_python_example_runs_as_printed_and_reads_what_the_files_hol
 
 
 @pytest.mark.fast
-def test_pokestudy_new_writes_a_starting_spec_that_loads_and_never_overwrites(tmp_path: Path):
-    made = pokestudy("new", "mine", cwd=tmp_path)
+def test_pokestudy_new_writes_a_starting_spec_that_loads_and_never_overwrites(tmp_path: Path,
+                                                                             monkeypatch: pytest.MonkeyPatch, capsys):
+    monkeypatch.chdir(tmp_path)  # `pokestudy new` writes into the current directory
+    made = cli(capsys, "new", "mine")
     assert made.returncode == 0, made.stderr
     study = spec.load(str(tmp_path / "mine.yaml"))
     assert study.name == "mine" and study.data.split == "resample" and len(study.replicate_seeds()) == 3
     (tmp_path / "mine.yaml").write_text("edited")
-    again = pokestudy("new", "mine", cwd=tmp_path)
+    again = cli(capsys, "new", "mine")
     assert again.returncode == 2 and "exists" in again.stderr and len(again.stderr.strip().splitlines()) == 1
     assert (tmp_path / "mine.yaml").read_text() == "edited", "a user's edits are never overwritten"

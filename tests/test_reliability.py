@@ -21,7 +21,7 @@ from optuna.trial import TrialState
 from pokestudy.cli import main
 from pokestudy.study import spec
 from pokestudy.study.record import TrialRecord
-from tests.conftest import pokestudy
+from tests.conftest import cli, pokestudy
 
 SMOKE = yaml.safe_load(spec.available()["smoke"])
 
@@ -64,7 +64,8 @@ def tiny_spec(tmp_path: Path, name: str, **changes) -> str:
     return str(path)
 
 
-def test_three_kill_9s_then_a_normal_run_lose_nothing_and_duplicate_nothing(tmp_path: Path):
+def test_three_kill_9s_then_a_normal_run_lose_nothing_and_duplicate_nothing(tmp_path: Path, ray_local, capsys):
+    """Each killed run is a process of its own; the normal run runs in-process, on the session's Ray."""
     db = tmp_path / "pokestudy.db"
     rng = random.Random(0)
     seen: dict[int, dict] = {}
@@ -77,7 +78,7 @@ def test_three_kill_9s_then_a_normal_run_lose_nothing_and_duplicate_nothing(tmp_
         for t in study.get_trials() if study else []:
             if t.state == TrialState.COMPLETE:
                 seen.setdefault(t.number, (t.user_attrs, t.system_attrs[TrialRecord.ATTR]))
-    out = pokestudy("run", "--study", "smoke", "--results", str(tmp_path))
+    out = cli(capsys, "run", "--study", "smoke", "--results", str(tmp_path))
     assert out.returncode == 0, out.stderr
     trials = optuna.load_study(study_name="smoke", storage=f"sqlite:///{db}").get_trials()
     complete = [t for t in trials if t.state == TrialState.COMPLETE]
@@ -116,7 +117,7 @@ def test_a_killed_worker_is_retried_then_recorded_failed_and_the_study_finishes(
     assert trial.state == TrialState.FAIL and "died" in trial.user_attrs["error"].lower()
 
 
-def test_readers_do_not_disturb_a_running_study(tmp_path: Path):
+def test_readers_do_not_disturb_a_running_study(tmp_path: Path, capsys):
     proc = launch("--study", "smoke", "--results", str(tmp_path))
     url = f"sqlite:///{tmp_path / 'pokestudy.db'}"
     reads = 0
@@ -128,7 +129,7 @@ def test_readers_do_not_disturb_a_running_study(tmp_path: Path):
                     TrialRecord.from_trial(t)  # a COMPLETE trial is never seen half-written
                 reads += 1
                 if reads == 3:
-                    report = pokestudy("report", "--study", "smoke", "--results", str(tmp_path), "--format", "csv")
+                    report = cli(capsys, "report", "--study", "smoke", "--results", str(tmp_path), "--format", "csv")
                     assert report.returncode == 0, report.stderr
             time.sleep(0.2)
         _, err = proc.communicate()
@@ -138,14 +139,14 @@ def test_readers_do_not_disturb_a_running_study(tmp_path: Path):
     assert reads >= 3 and count(tmp_path / "pokestudy.db") == 16
 
 
-def test_a_second_run_of_the_same_study_refuses_while_the_first_runs(tmp_path: Path):
+def test_a_second_run_of_the_same_study_refuses_while_the_first_runs(tmp_path: Path, capsys):
     first = launch("--study", "smoke", "--results", str(tmp_path))
     try:
         deadline = time.monotonic() + 60
         while not list((tmp_path / ".locks").glob("*.lock")) and time.monotonic() < deadline:
             time.sleep(0.2)
         time.sleep(1)
-        second = pokestudy("run", "--study", "smoke", "--results", str(tmp_path))
+        second = cli(capsys, "run", "--study", "smoke", "--results", str(tmp_path))  # refused before Ray starts
         assert second.returncode == 2 and "already running this study" in second.stderr
     finally:
         kill_tree(first)
@@ -246,22 +247,20 @@ def test_report_and_compare_into_an_unwritable_results_folder_are_one_line_exit_
 
 
 @pytest.mark.parametrize("case", ["more GPUs than any node", "more CPUs than any node"])
-def test_a_trial_no_node_can_hold_is_refused_at_once_and_nothing_is_stored(tmp_path: Path, case: str):
-    """Ray would wait forever for a node that does not exist; --restart must not archive first either."""
+def test_a_trial_no_node_can_hold_is_refused_at_once_and_nothing_is_stored(tmp_path: Path, ray_local, case: str,
+                                                                           capsys):
+    """Ray would wait forever for a node that does not exist; --restart must not archive first either. The run
+    is in-process, on the session's Ray (2 CPUs, no GPU)."""
     url = f"sqlite:///{tmp_path / 'pokestudy.db'}"
     if case == "more GPUs than any node":  # this machine has none
         optuna.create_study(study_name="smoke", storage=url)
         args, before = ["--study", "smoke", "--gpus-per-trial", "1", "--restart"], ["smoke"]
     else:
         args, before = ["--study", tiny_spec(tmp_path, "big", resources={"cpus": 64})], []
-    proc = launch(*args, "--results", str(tmp_path))
-    try:
-        _, err = proc.communicate(timeout=120)
-    finally:
-        kill_tree(proc)
-    assert proc.returncode == 2, err
-    assert_one_line_error(err)
-    assert "no Ray node" in err
+    out = cli(capsys, "run", *args, "--results", str(tmp_path))
+    assert out.returncode == 2, out.stderr
+    assert_one_line_error(out.stderr)
+    assert "no Ray node" in out.stderr
     assert study_names(url) == before
 
 
@@ -275,10 +274,12 @@ def test_a_local_ray_that_cannot_start_says_so_without_an_address_of_none(tmp_pa
     assert "local Ray" in out.stderr and "None" not in out.stderr
 
 
-def test_sigterm_and_ctrl_c_stop_a_run_with_one_line_and_the_rerun_finishes_it(tmp_path: Path):
+def test_sigterm_and_ctrl_c_stop_a_run_with_one_line_and_the_rerun_finishes_it(tmp_path: Path, ray_local,
+                                                                               capsys):
     """SIGTERM to the driver (`kill PID`), SIGTERM to its whole process group (`timeout`, systemd: Ray's
     own processes end too) and Ctrl-C (SIGINT to the terminal's process group), each once one more trial
-    is stored: one line and a prompt exit, no C++ stack, no report; the rerun finishes the study."""
+    is stored: one line and a prompt exit, no C++ stack, no report; the rerun (in-process, on the session's
+    Ray) finishes the study."""
     study = tiny_spec(tmp_path, "stop", factors={"arch": ["cnn", "resnet"]}, seeds=[0, 1, 2, 3],
                       fixed={**SMOKE["fixed"], "epochs": 4})
     db = tmp_path / "pokestudy.db"
@@ -300,7 +301,7 @@ def test_sigterm_and_ctrl_c_stop_a_run_with_one_line_and_the_rerun_finishes_it(t
         assert not [s for s in ("Traceback", "SIGTERM received", "PC: @", "GCS") if s in err], err
         assert time.monotonic() - sent < 45, "exit waited for a Ray that was gone"  # it waited 60 s
     assert not (tmp_path / "stop" / "summary.md").exists()  # an interrupted study is not reported as finished
-    rerun = pokestudy("run", "--study", study, "--results", str(tmp_path))
+    rerun = cli(capsys, "run", "--study", study, "--results", str(tmp_path))
     assert rerun.returncode == 0, rerun.stderr
     complete = optuna.load_study(study_name="stop", storage=f"sqlite:///{db}").get_trials(states=(TrialState.COMPLETE,))
     assert len(complete) == 8 and len({t.user_attrs["key"] for t in complete}) == 8

@@ -11,10 +11,11 @@ import pytest
 import torch
 from optuna.trial import TrialState
 
+from pokestudy.cli import main
 from pokestudy.data import pool
 from pokestudy.study import record, runner, spec
 from pokestudy.study.record import StudyRecord, TrialRecord
-from tests.conftest import pokestudy
+from tests.conftest import cli, pokestudy
 from tests.test_study import write_spec
 
 
@@ -79,7 +80,9 @@ def _trials(db: Path) -> list[tuple[str, str]]:
                            "where key = 'key'").fetchall()
 
 
-def test_a_budget_stops_between_trials_exits_0_and_the_rerun_continues(tmp_path: Path):
+def test_a_budget_stops_between_trials_exits_0_and_the_rerun_continues(tmp_path: Path, ray_local, capsys):
+    """The budgeted run is a process of its own (its clock counts Ray's start too); the rerun and the listing run
+    in-process, on the session's Ray."""
     db = tmp_path / "pokestudy.db"
     short = pokestudy("run", "--study", "smoke", "--results", str(tmp_path), "--budget", "20s", "--max-concurrent", "1")
     assert short.returncode == 0, short.stderr
@@ -89,14 +92,15 @@ def test_a_budget_stops_between_trials_exits_0_and_the_rerun_continues(tmp_path:
     stored = optuna.load_study(study_name="smoke", storage=f"sqlite:///{db}")
     assert StudyRecord.from_study(stored).provenance["budget"]["spent"]
     assert "stopped on its budget" in (tmp_path / "smoke" / "summary.md").read_text()
-    rest = pokestudy("run", "--study", "smoke", "--results", str(tmp_path))
+    rest = cli(capsys, "run", "--study", "smoke", "--results", str(tmp_path))
     assert rest.returncode == 0, rest.stderr
     assert f"16 trials, {states.count('COMPLETE')} already done" in rest.stderr
     assert [state for state, _ in _trials(db)].count("COMPLETE") == 16
-    studies = pokestudy("studies", "--results", str(tmp_path))
+    studies = cli(capsys, "studies", "--results", str(tmp_path))
     assert "replicates 2 done / 2" in studies.stdout, studies.stdout
-    bad = pokestudy("run", "--study", "smoke", "--results", str(tmp_path), "--budget", "soon")
-    assert bad.returncode == 2 and "is not a duration" in bad.stderr
+    with pytest.raises(SystemExit) as bad:  # argparse's exit, as the console script exits
+        main(["run", "--study", "smoke", "--results", str(tmp_path), "--budget", "soon"])
+    assert bad.value.code == 2 and "is not a duration" in capsys.readouterr().err
 
 
 def test_tuning_trials_use_seeds_no_replicate_uses_and_each_condition_its_own_sampler(tmp_path: Path, ray_local):

@@ -78,7 +78,7 @@ def test_every_format_figure_and_the_summary_are_written(report: Path):
     assert "pokestudy 0.1.0" in summary and "torch 2." in summary and "cores" in summary
 
 
-def test_dashboard_note_and_figure_artifacts_survive_a_second_report(report: Path):
+def test_dashboard_note_and_figure_artifacts_survive_a_second_report(report: Path, capsys):
     from optuna.artifacts import get_all_artifact_meta
     from optuna_dashboard import get_note
 
@@ -91,7 +91,7 @@ def test_dashboard_note_and_figure_artifacts_survive_a_second_report(report: Pat
     assert sorted(first) == ["confusions.png", "curves.png", "effects_over_epochs.png", "gap.png",
                               "predictions.png", "tradeoff.png"]
     (report / "gap.png").unlink()
-    assert pokestudy("report", "--study", "smoke", "--results", str(results)).returncode == 0
+    assert cli(capsys, "report", "--study", "smoke", "--results", str(results)).returncode == 0
     again = {m.filename: m.artifact_id for m in get_all_artifact_meta(study)}  # Optuna's own API still reads them
     assert again == first, "re-reporting replaces a figure's bytes under the same id, never duplicates"
     stored = results / ".artifacts" / first["gap.png"]

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 import yaml
 
-from conftest import pokestudy
+from conftest import cli
 from pokestudy.data import prepare
 from pokestudy.study import spec
 from pokestudy.study.record import TrialRecord
@@ -39,10 +39,10 @@ def test_images_shrink_by_area_averaging_and_never_grow():
     ({"fixed": {**SPEC["fixed"], "res": 32}}, "give the resolution as data.res (now 64), or as a factor"),
     ({"factors": {"res": [32, 128]}}, "a condition trains at res 128, above data.res 64"),
 ])
-def test_a_resolution_the_data_cannot_give_is_one_line(tmp_path: Path, change: dict, message: str):
+def test_a_resolution_the_data_cannot_give_is_one_line(tmp_path: Path, change: dict, message: str, capsys):
     path = tmp_path / "bad.yaml"
     path.write_text(yaml.safe_dump({**SPEC, **change}))
-    out = pokestudy("run", "--study", str(path), "--results", str(tmp_path))
+    out = cli(capsys, "run", "--study", str(path), "--results", str(tmp_path))
     assert out.returncode == 2
     assert len(out.stderr.strip().splitlines()) == 1 and message in out.stderr
     assert not (tmp_path / "pokestudy.db").exists()

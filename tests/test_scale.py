@@ -18,7 +18,7 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from tests.conftest import pokestudy
+from tests.conftest import cli, pokestudy
 
 
 def free_port() -> int:
@@ -37,11 +37,24 @@ def wait_for_port(port: int, seconds: float = 60) -> None:
     raise TimeoutError(f"nothing listens on 127.0.0.1:{port} after {seconds} s")
 
 
-def stop(proc: subprocess.Popen) -> None:
-    """Stop exactly the processes a test started: its own process group."""
+def stop(proc: subprocess.Popen, leader_first: bool = False, sig: int = signal.SIGTERM) -> None:
+    """Stop exactly the processes a test started: its own process group, with `sig`. `leader_first`: SIGTERM
+    the group's leader alone first and let it stop the rest (`ray start --block` ends its node within seconds on
+    its own SIGTERM, but with the whole group signalled it never exits and waited out the 30 s here)."""
     try:
-        os.killpg(proc.pid, signal.SIGTERM)
+        if leader_first:
+            proc.terminate()
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                pass
+        os.killpg(proc.pid, sig)  # the group, or what the leader left of it
         proc.wait(timeout=30)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:  # the leader may exit before the rest of its group
+            os.killpg(proc.pid, 0)  # raises ProcessLookupError once every process of the group is gone
+            time.sleep(0.1)
+        os.killpg(proc.pid, signal.SIGKILL)
     except ProcessLookupError:
         pass
     except subprocess.TimeoutExpired:
@@ -86,18 +99,19 @@ def postgres():
         con.close()
         yield f"postgresql://postgres@127.0.0.1:{port}/pokestudy"  # the README's URL form
     finally:
-        stop(server)
+        stop(server, sig=signal.SIGINT)  # fast shutdown: it ends the sessions this process still holds open
         shutil.rmtree(root, ignore_errors=True)
 
 
-def test_smoke_study_on_postgresql_then_report_and_studies(postgres: str, tmp_path: Path):
-    run = pokestudy("run", "--study", "smoke", "--storage", postgres, "--results", str(tmp_path))
+def test_smoke_study_on_postgresql_then_report_and_studies(postgres: str, tmp_path: Path, ray_local, capsys):
+    """The commands run in-process (the console script's entry point), the run on the session's Ray."""
+    run = cli(capsys, "run", "--study", "smoke", "--storage", postgres, "--results", str(tmp_path))
     assert run.returncode == 0, run.stderr
     assert_smoke_stored(postgres)
-    report = pokestudy("report", "--study", "smoke", "--storage", postgres, "--results", str(tmp_path / "again"))
+    report = cli(capsys, "report", "--study", "smoke", "--storage", postgres, "--results", str(tmp_path / "again"))
     assert report.returncode == 0, report.stderr
     assert (tmp_path / "again" / "smoke" / "gap.csv").exists()
-    studies = pokestudy("studies", "--storage", postgres)
+    studies = cli(capsys, "studies", "--storage", postgres)
     assert "smoke" in studies.stdout and "COMPLETE 16" in studies.stdout
 
 
@@ -114,7 +128,7 @@ def test_smoke_study_on_a_ray_cluster_started_with_ray_start(tmp_path: Path):
         assert out.returncode == 0, out.stderr
         assert_smoke_stored(f"sqlite:///{tmp_path / 'pokestudy.db'}")
     finally:
-        stop(head)
+        stop(head, leader_first=True)
         marker = Path("/tmp/ray/ray_current_cluster")  # `ray start` leaves this for later `ray.init()`s
         if marker.exists() and marker.read_text().strip().endswith(f":{port}"):
             marker.unlink()
@@ -184,7 +198,8 @@ def test_dashboard_in_headless_chromium_answers_the_question_at_a_glance(smoke_r
             page.get_by_text("Accuracy and gap in % per epoch").first.wait_for(timeout=30_000)
             page.screenshot(path=str(tmp_path / "trial.png"), full_page=True)
             body = page.inner_text("body")
-            assert "arch=cnn, augment=none, regularization=none" in body and "converged" in body, shots
+            # whichever trial the list opens first (Ray may start two trials in either order): its condition
+            assert re.search(r"arch=\w+, augment=[\w-]+, regularization=\w+", body) and "converged" in body, shots
             assert page.locator("pre").first.inner_text().split()[:3] == ["epoch", "lr", "train"], shots
             assert page.locator("img[src^='/artifacts/']").count() >= 1, f"the trial's curves figure; {shots}"
             width = page.evaluate("document.documentElement.scrollWidth")

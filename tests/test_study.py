@@ -18,7 +18,8 @@ from pokestudy import UserError
 from pokestudy.cli import main
 from pokestudy.study import runner, spec
 from pokestudy.study.record import StudyRecord, TrialRecord
-from tests.conftest import pokestudy
+from pokestudy.train import default_precision
+from tests.conftest import cli
 from tests.test_reliability import assert_one_line_error
 
 SMOKE = yaml.safe_load(spec.available()["smoke"])
@@ -101,7 +102,9 @@ def test_smoke_study_stores_every_trial_and_epoch_then_a_rerun_runs_nothing(smok
         assert set(t.params) == {"arch", "augment", "regularization"}, "params are the factors only"
         assert r.settings["lr"] == study.fixed["lr"] and r.condition == {k: t.params[k] for k in t.params}
     info = StudyRecord.from_study(stored)
-    assert info.spec["fixed"] == study.fixed and info.identity["data"]["fingerprint"] == info.data["fingerprint"]
+    resolved = study.with_precision(default_precision("cpu")).fixed  # `precision: auto`, as this CPU resolves it
+    assert info.spec["fixed"] == resolved and info.identity["data"]["fingerprint"] == info.data["fingerprint"]
+    assert {TrialRecord.from_trial(t).settings["precision"] for t in trials} == {resolved.get("precision", "fp32")}, "every trial trains in the precision the study was created with"
     assert info.provenance["finished"] and stored.metric_names == ["val_acc (last epoch)"]
     assert len({t.user_attrs["key"] for t in trials}) == 16
 
@@ -160,7 +163,8 @@ def _complete(db: Path) -> int:
         return 0
 
 
-def test_kill_9_of_the_driver_then_rerun_ends_with_exactly_the_expected_trials(tmp_path: Path):
+def test_kill_9_of_the_driver_then_rerun_ends_with_exactly_the_expected_trials(tmp_path: Path, ray_local, capsys):
+    """The killed run is a process of its own; the rerun runs in-process, on the session's Ray."""
     import subprocess
     import sys
 
@@ -178,7 +182,7 @@ def test_kill_9_of_the_driver_then_rerun_ends_with_exactly_the_expected_trials(t
     except ProcessLookupError:
         pass
     assert 3 <= killed_at < 16
-    out = pokestudy("run", "--study", "smoke", "--results", str(tmp_path))
+    out = cli(capsys, "run", "--study", "smoke", "--results", str(tmp_path))
     assert out.returncode == 0, out.stderr
     trials = optuna.load_study(study_name="smoke", storage=f"sqlite:///{db}").get_trials()
     complete = [t for t in trials if t.state == TrialState.COMPLETE]
