@@ -145,7 +145,8 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--eval", action="append", metavar="NAME=PATH",
                    help="an outside evaluation set (a folder, one sub-folder per class); repeatable")
     t.add_argument("--device")
-    t.add_argument("--precision", help="fp32, bf16 or auto (default: bf16 where the hardware has it natively, else fp32)")
+    t.add_argument("--precision",
+                   help="fp32, bf16 or auto (default: bf16 where the hardware has it natively, else fp32)")
     _near_arg(t)
     t.add_argument("--json", action="store_true", help="one JSON object per epoch, then a final summary")
     t.set_defaults(func=_train)

@@ -59,6 +59,8 @@ def test_an_effect_that_varies_across_cells_gets_its_simple_effects_and_a_unifor
     assert "averaged over the grid" in u and "from " not in u and "varies with" not in u
     assert "not detectably with t" in u and "not detectably with s" in u
     assert f"**Family: {family}**" in summary and "### Where a main effect varies" in summary
+    varies = summary[summary.index("### Where a main effect varies"):]
+    assert "own family level (24 intervals, each at 99.79%)" in varies, "the simple effects' level, not the claims'"
 
 
 @pytest.mark.fast

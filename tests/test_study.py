@@ -104,7 +104,8 @@ def test_smoke_study_stores_every_trial_and_epoch_then_a_rerun_runs_nothing(smok
     info = StudyRecord.from_study(stored)
     resolved = study.with_precision(default_precision("cpu")).fixed  # `precision: auto`, as this CPU resolves it
     assert info.spec["fixed"] == resolved and info.identity["data"]["fingerprint"] == info.data["fingerprint"]
-    assert {TrialRecord.from_trial(t).settings["precision"] for t in trials} == {resolved.get("precision", "fp32")}, "every trial trains in the precision the study was created with"
+    trained = {TrialRecord.from_trial(t).settings["precision"] for t in trials}
+    assert trained == {resolved.get("precision", "fp32")}, "each trial trains in the precision the study was made with"
     assert info.provenance["finished"] and stored.metric_names == ["val_acc (last epoch)"]
     assert len({t.user_attrs["key"] for t in trials}) == 16
 

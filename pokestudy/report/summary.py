@@ -95,8 +95,9 @@ def write(name: str, generator: str, trials: Trials, table: pd.DataFrame, analys
     if not shown.empty:
         lines += ["", "### Where a main effect varies", "",
                   "Simple effects: each main effect at each level of a factor its effect may vary with (the "
-                  f"interaction test below 0.05) or whose declared interaction is decided; intervals at the family's "
-                  f"level ({analysis.size} intervals and tests).", "",
+                  "interaction test below 0.05) or whose declared interaction is decided; intervals at the simple "
+                  f"effects' own family level ({analysis.simple_size} intervals, each at "
+                  f"{100 * analysis.simple_confidence:.2f}%).", "",
                   md(shown[["effect", "by", "at", "replicates", "verdict", "gap_diff", "gap_lo", "gap_hi",
                             "test_acc_diff", "test_acc_lo", "test_acc_hi"]]), ""]
     if not analysis.heterogeneity.empty:
