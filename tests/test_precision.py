@@ -4,6 +4,7 @@ study is created, what the provenance records, and the bench's roof of the engin
 from __future__ import annotations
 
 import math
+from dataclasses import asdict
 from pathlib import Path
 
 import optuna
@@ -112,12 +113,16 @@ def test_a_resumed_study_keeps_the_precision_it_was_created_with(tmp_path: Path,
 
 def test_the_provenance_says_which_precision_ran_and_whether_the_hardware_has_native_bf16(data):
     p = record.provenance(data.manifest, 1, record.now(), precisions=["bf16", "fp32"])
-    assert p["precision"] == ["bf16", "fp32"] and p["native_bf16"]["cpu"] == native_bf16("cpu")
-    assert (p["native_bf16"]["gpu"] is None) == (not torch.cuda.is_available())
-    cpu = "yes" if p["native_bf16"]["cpu"] else "no"
+    assert p.precision == ["bf16", "fp32"] and p.native_bf16["cpu"] == native_bf16("cpu")
+    assert (p.native_bf16["gpu"] is None) == (not torch.cuda.is_available())
+    cpu = "yes" if p.native_bf16["cpu"] else "no"
     assert f"precision bf16 and fp32 (native bf16: CPU {cpu}" in record.provenance_line(p)
-    older = {k: v for k, v in p.items() if k not in ("precision", "native_bf16")}  # stored before precision existed
-    assert "precision" not in record.provenance_line(older)
+    stored = asdict(p)
+    assert record.Provenance.read(stored, "study 's'") == p, "what is stored reads back the same"
+    older = {k: v for k, v in stored.items() if k not in ("precision", "native_bf16", "ray_cluster", "budget")}
+    assert "precision" not in record.provenance_line(record.Provenance.read(older, "study 's'"))  # stored before
+    with pytest.raises(record.RecordError, match="study 's''s provenance has no started"):
+        record.Provenance.read({k: v for k, v in stored.items() if k != "started"}, "study 's'")
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])

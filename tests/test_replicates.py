@@ -90,7 +90,7 @@ def test_a_budget_stops_between_trials_exits_0_and_the_rerun_continues(tmp_path:
     states = [state for state, _ in _trials(db)]
     assert 0 < states.count("COMPLETE") < 16 and "RUNNING" not in states, "whole trials, and not all of them"
     stored = optuna.load_study(study_name="smoke", storage=f"sqlite:///{db}")
-    assert StudyRecord.from_study(stored).provenance["budget"]["spent"]
+    assert StudyRecord.from_study(stored).provenance.budget.spent
     assert "stopped on its budget" in (tmp_path / "smoke" / "summary.md").read_text()
     rest = cli(capsys, "run", "--study", "smoke", "--results", str(tmp_path))
     assert rest.returncode == 0, rest.stderr

@@ -106,7 +106,7 @@ def test_smoke_study_stores_every_trial_and_epoch_then_a_rerun_runs_nothing(smok
     assert info.spec["fixed"] == resolved and info.identity["data"]["fingerprint"] == info.data["fingerprint"]
     trained = {TrialRecord.from_trial(t).settings["precision"] for t in trials}
     assert trained == {resolved.get("precision", "fp32")}, "each trial trains in the precision the study was made with"
-    assert info.provenance["finished"] and stored.metric_names == ["val_acc (last epoch)"]
+    assert info.provenance.finished and stored.metric_names == ["val_acc (last epoch)"]
     assert len({t.user_attrs["key"] for t in trials}) == 16
 
     runner.run_study(study, storage=url, results=results, study_name="smoke")  # finished: nothing runs again

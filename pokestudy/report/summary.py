@@ -10,7 +10,7 @@ from pokestudy.report import power, scaling
 from pokestudy.report.stats import ALPHA, MIN_SEEDS, FTest, mean_interval
 from pokestudy.report.tables import Trials, column, factors, readable
 from pokestudy.report.verdicts import UNCONVERGED, Analysis, sentence
-from pokestudy.study.record import provenance_line
+from pokestudy.study.record import Provenance, provenance_line
 from pokestudy.study.spec import Study
 from pokestudy.train import TrialConfig, quarter
 
@@ -172,7 +172,7 @@ def _figure(name: str, link: str) -> str:
     return f"[![{name}]({link})]({link})\n\n*{name}*: {FIGURES.get(name.removesuffix('.png'), '')}\n"
 
 
-def _replicates(spec: Study, provenance: dict) -> str:
+def _replicates(spec: Study, provenance: Provenance) -> str:
     """What a replicate varies, and whether the study stopped on its wall-clock budget."""
     if spec.data.split == "resample":
         text = (f"Each replicate resamples the train / validation / test split (seed {spec.data.split_seed} + its "
@@ -184,9 +184,8 @@ def _replicates(spec: Study, provenance: dict) -> str:
     if spec.adaptive:
         text += (f" Replicates are adaptive: {spec.adaptive.min} first, then as many as their variance asks for, "
                  f"at most {spec.adaptive.max}.")
-    budget = provenance.get("budget")
-    if budget and budget["spent"]:
-        text += (f" **The study stopped on its budget** (`--budget {budget['seconds']:g}s`, {budget['left']} "
+    if (budget := provenance.budget) and budget.spent:
+        text += (f" **The study stopped on its budget** (`--budget {budget.seconds:g}s`, {budget.left} "
                  "trial(s) not run): rerun with a larger budget to continue.")
     return text
 

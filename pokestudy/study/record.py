@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 import platform
 import subprocess
-from dataclasses import MISSING, asdict, dataclass, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
@@ -36,7 +36,8 @@ class RecordError(UserError):
 def _read(cls: type, attrs: dict[str, Any], where: str) -> Any:
     """A record from stored attributes; only fields with a default (what older versions did not store, and
     the default says what they did) may be missing."""
-    missing = [f.name for f in fields(cls) if f.name not in attrs and f.default is MISSING]
+    missing = [f.name for f in fields(cls)
+               if f.name not in attrs and f.default is MISSING and f.default_factory is MISSING]
     if missing:
         raise RecordError(f"{where} has no {', '.join(missing)} (stored by another pokestudy version?); "
                           "rerun the study with --restart to record it afresh")
@@ -124,17 +125,57 @@ class TrialRecord:
 
 
 @dataclass(frozen=True)
+class Budget:
+    """A run's `--budget`: its seconds, whether they ran out before every trial had started, and how many
+    trials were then left."""
+
+    seconds: float
+    spent: bool
+    left: int
+
+
+@dataclass(frozen=True)
+class Provenance:
+    """Where and with what a study ran: versions, code revision, machine, data, times. The fields with a
+    default are those older versions did not store; the default says what they did."""
+
+    pokestudy: str
+    git: dict[str, Any] | None  # {"commit", "modified"}; None: not run from a git checkout
+    python: str
+    packages: dict[str, str | None]
+    cpu: str
+    cores: int | None
+    gpus: list[str]
+    threads_per_trial: float
+    data_fingerprint: str
+    started: str
+    finished: str | None  # None: not finished (interrupted, or stopped on its budget)
+    # whether the CPU and GPU compute bf16 natively, which decides what `precision: auto` became
+    native_bf16: dict[str, bool | None] | None = None
+    precision: list[str] = field(default_factory=list)  # []: stored before precision was recorded (fp32 on CPUs)
+    ray_cluster: dict[str, float] = field(default_factory=dict)
+    budget: Budget | None = None  # the last run's --budget; None: it ran without one
+
+    @classmethod
+    def read(cls, attrs: dict[str, Any], where: str) -> "Provenance":
+        p = _read(cls, attrs, f"{where}'s provenance")
+        return replace(p, budget=_read(Budget, p.budget, f"{where}'s budget")) if isinstance(p.budget, dict) else p
+
+
+@dataclass(frozen=True)
 class StudyRecord:
     """What a study is: its spec, identity, data manifest and provenance (study user attributes)."""
 
     spec: dict[str, Any]
     identity: dict[str, Any]  # {"digest", "design", "data"}
     data: dict[str, Any]  # the data manifest: source, counts, skipped files, splits, fingerprint
-    provenance: dict[str, Any]
+    provenance: Provenance
 
     @classmethod
     def from_study(cls, study: optuna.Study) -> "StudyRecord":
-        return _read(cls, study.user_attrs, f"study {study.study_name!r}")
+        where = f"study {study.study_name!r}"
+        record = _read(cls, study.user_attrs, where)
+        return replace(record, provenance=Provenance.read(record.provenance, where))
 
     @property
     def study(self) -> Study:
@@ -190,21 +231,18 @@ def now() -> str:
 
 
 def provenance(manifest: dict[str, Any], threads_per_trial: float, started: str,
-               cluster: dict[str, float] | None = None, precisions: list[str] | None = None) -> dict[str, Any]:
-    """Where and with what a study ran: versions, code revision, machine (and whether its CPU and GPU
-    compute bf16 natively, which decides what `precision: auto` became), precisions, data, times."""
+               cluster: dict[str, float] | None = None, precisions: list[str] | None = None) -> Provenance:
+    """This machine's provenance for a study on `manifest`'s data, started at `started`."""
     import torch
 
     gpus = ([torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
             if torch.cuda.is_available() else [])
-    return {
-        "pokestudy": __version__, "git": _git(), "python": platform.python_version(),
-        "packages": {p: _version(p) for p in PACKAGES},
-        "cpu": cpu_model(), "cores": os.cpu_count(), "gpus": gpus, "threads_per_trial": threads_per_trial,
-        "native_bf16": {"cpu": native_bf16("cpu"), "gpu": native_bf16("cuda") if gpus else None},
-        "precision": precisions or [], "ray_cluster": cluster or {}, "data_fingerprint": manifest["fingerprint"],
-        "started": started, "finished": None,
-    }
+    return Provenance(
+        pokestudy=__version__, git=_git(), python=platform.python_version(),
+        packages={p: _version(p) for p in PACKAGES}, cpu=cpu_model(), cores=os.cpu_count(), gpus=gpus,
+        threads_per_trial=threads_per_trial, data_fingerprint=manifest["fingerprint"], started=started,
+        finished=None, native_bf16={"cpu": native_bf16("cpu"), "gpu": native_bf16("cuda") if gpus else None},
+        precision=precisions or [], ray_cluster=cluster or {})
 
 
 def precisions(spec: Study) -> list[str]:
@@ -212,27 +250,26 @@ def precisions(spec: Study) -> list[str]:
     return sorted({TrialConfig.from_dict(spec.settings(c)).precision for c in spec.conditions()})
 
 
-def provenance_line(p: dict[str, Any]) -> str:
+def provenance_line(p: Provenance) -> str:
     """One line of provenance, for `pokestudy studies` and summary.md."""
-    git = p["git"]
-    code = f"pokestudy {p['pokestudy']}" + (f" @ {git['commit'][:10]}{' (modified)' if git['modified'] else ''}"
-                                            if git else "")
-    gpus = f"{len(p['gpus'])}× {p['gpus'][0]}" if p["gpus"] else "no GPU"
-    versions = ", ".join(f"{k} {v}" for k, v in p["packages"].items())
-    return (f"{code}; Python {p['python']}, {versions}; {p['cpu']} ({p['cores']} cores), {gpus}, "
-            f"{p['threads_per_trial']:g} threads per trial{_precision_words(p)}; data {p['data_fingerprint']}; "
-            f"started {p['started']}, finished {p['finished'] or '(not yet)'}")
+    code = f"pokestudy {p.pokestudy}" + (f" @ {p.git['commit'][:10]}{' (modified)' if p.git['modified'] else ''}"
+                                         if p.git else "")
+    gpus = f"{len(p.gpus)}× {p.gpus[0]}" if p.gpus else "no GPU"
+    versions = ", ".join(f"{k} {v}" for k, v in p.packages.items())
+    return (f"{code}; Python {p.python}, {versions}; {p.cpu} ({p.cores} cores), {gpus}, "
+            f"{p.threads_per_trial:g} threads per trial{_precision_words(p)}; data {p.data_fingerprint}; "
+            f"started {p.started}, finished {p.finished or '(not yet)'}")
 
 
-def _precision_words(p: dict[str, Any]) -> str:
+def _precision_words(p: Provenance) -> str:
     """`, precision bf16 (native bf16: CPU yes, GPU yes)`; nothing for a study stored before precision
     was recorded (it trained in fp32 on CPUs, with bf16 autocast on GPUs)."""
-    if not p.get("precision"):
+    if not p.precision:
         return ""
-    native = p["native_bf16"]
+    native = p.native_bf16
     where = [f"CPU {'yes' if native['cpu'] else 'no'}"] + ([] if native["gpu"] is None else
                                                          [f"GPU {'yes' if native['gpu'] else 'no'}"])
-    return f", precision {' and '.join(p['precision'])} (native bf16: {', '.join(where)})"
+    return f", precision {' and '.join(p.precision)} (native bf16: {', '.join(where)})"
 
 
 def _git() -> dict[str, Any] | None:

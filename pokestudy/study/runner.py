@@ -13,6 +13,7 @@ import hashlib
 import math
 import sys
 import time
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import optuna
@@ -110,15 +111,13 @@ def run_study(spec: Study, *, storage: str, results: Path, study_name: str, data
         if not final:  # what is left is the pilot's rest and every replicate it would plan, at least up to min
             plan = spec.trials(best)
         left = len(plan) - len(finished(storage, study_name, identity["digest"]).keys() & {w.key for w in plan})
-        prov = {**records.StudyRecord.from_study(store.study).provenance,
-                "finished": None if clock.refused else records.now()}
-        prov.pop("budget", None)  # this run's budget, if any, is the one that counts
-        if clock.deadline is not None:
-            prov["budget"] = {"seconds": budget, "spent": clock.refused, "left": left}
+        prov = replace(records.StudyRecord.from_study(store.study).provenance,  # this run's budget is the one
+                       finished=None if clock.refused else records.now(),       # that counts, or none
+                       budget=None if clock.deadline is None else records.Budget(budget, clock.refused, left))
         if clock.refused:
             print(f"study {study_name}: budget spent after {replicates_done(spec, store.study)} whole replicate(s), "
                   f"{left} trial(s) left; rerun with a larger --budget to continue", file=sys.stderr)
-        store.study.set_user_attr("provenance", prov)
+        store.study.set_user_attr("provenance", asdict(prov))
         return store.study
     finally:
         lock.close()
@@ -153,7 +152,7 @@ def _planned(spec: Study, study: optuna.Study) -> int:
 
 def replicates_done(spec: Study, study: optuna.Study) -> int:
     """How many of the spec's replicates have every condition's trial at the study's budget COMPLETE."""
-    keys = {t.user_attrs.get("key") for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))}
+    keys = {t.user_attrs["key"] for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))}
     works = [w for w in spec.trials(planned=spec.adaptive.max if spec.adaptive else None) if w.budget == 1]
     return sum(all(w.key in keys for w in works if w.seed == s) for s in {w.seed for w in works})
 
@@ -171,7 +170,7 @@ def _check_identity(stored: optuna.Study | None, identity: dict, name: str) -> s
         diff = "; ".join(records.differences(old.identity, identity)) or "the study identity"
         raise UserError(f"study {name!r} in this storage is a different experiment ({diff}); use --study-name NEW "
                         f"to keep both, or --restart to archive the stored one as {name}.archived-… and start over")
-    return old.provenance["started"]
+    return old.provenance.started
 
 
 def _created_precision(spec: Study, storage: str, name: str, restart: bool, gpus: float | None) -> str:
@@ -180,7 +179,7 @@ def _created_precision(spec: Study, storage: str, name: str, restart: bool, gpus
     names = [name, *(tuning_study(name, condition_id(c)) for c in spec.conditions() if spec.nuisance)]
     for stored in (find_study(storage, n) for n in ([] if restart else names)):
         if stored is not None and "spec" in stored.user_attrs:
-            return stored.user_attrs["spec"].get("fixed", {}).get("precision", "fp32")
+            return records.precisions(Study.model_validate(stored.user_attrs["spec"]))[0]  # fp32 where unnamed
     trial_gpus = spec.resources.gpus if gpus is None else gpus
     return default_precision("cuda" if trial_gpus else "cpu")
 
