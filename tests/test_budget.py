@@ -46,6 +46,19 @@ def test_the_budget_check_runs_longer_trials_for_the_stated_seeds():
     assert len({w.key for w in works}) == len(works), "every trial has its own key"
     assert spec.design() == Study.model_validate({**spec.model_dump(), "budget_check": None}).design(), \
         "the check adds trials and changes none: not part of the identity"
+    assert [w.budget for w in works] == [1] * 6 + [2] * 4, "a fixed design checks its budget last"
+
+
+def test_an_adaptive_study_checks_its_budget_right_after_its_pilot():
+    """A budget too short makes every label 'budget too short', which no further replicate can lift: the
+    check runs before the replicates the pilot planned, so a run stopped on its budget has it first."""
+    spec = Study.model_validate({"name": "b", "data": DATA, "factors": {"arch": ["cnn", "resnet"]},
+                                 "fixed": {"epochs": 7}, "replicates": {"min": 3, "max": 6},
+                                 "budget_check": {"factor": 2, "seeds": 1}})
+    works = spec.trials(planned=5)
+    assert [(w.seed, w.budget) for w in works] == [(s, 1) for s in (0, 0, 1, 1, 2, 2)] + [(0, 2)] * 2 + [
+        (s, 1) for s in (3, 3, 4, 4)]
+    assert [w.budget for w in spec.trials()] == [1] * 6 + [2] * 2, "the pilot alone: the check after it"
 
 
 @pytest.mark.fast

@@ -265,8 +265,10 @@ class Study(Strict):
 
     def trials(self, tuned: dict[str, dict[str, Any]] | None = None, planned: int | None = None) -> list["Work"]:
         """The replicates' trials, replicate by replicate (a run cut short by its budget leaves whole ones),
-        then those of the budget check; `tuned` maps a condition id to its chosen nuisance values, `planned`
-        is how many replicates an adaptive study runs (`replicate_seeds`)."""
+        and those of the budget check: after every replicate, or in an adaptive study right after its pilot,
+        before the replicates the pilot planned (a budget too short blocks every label, and more replicates
+        cannot lift that). `tuned` maps a condition id to its chosen nuisance values, `planned` is how many
+        replicates an adaptive study runs (`replicate_seeds`)."""
         tuned = tuned or {}
         seeds = self.replicate_seeds(planned)
         out = [self.work(c, s, f"{condition_id(c)}/seed={s}", tuned.get(condition_id(c)))
@@ -279,12 +281,12 @@ class Study(Strict):
             conditions on every factor."""
             return (seeds.index(w.seed), *[levels[f].index(w.condition[f]) for f in reversed(list(levels))])
 
-        for base in (sorted(out, key=order) if check else []):
-            if base.seed in seeds[:check.seeds]:
-                epochs = round(TrialConfig.from_dict(base.settings).epochs * check.factor)
-                out.append(replace(base, key=f"{base.key}/budget={check.factor:g}x", budget=check.factor,
-                                   settings={**base.settings, "epochs": epochs}))
-        return out
+        longer = [replace(base, key=f"{base.key}/budget={check.factor:g}x", budget=check.factor,
+                          settings={**base.settings,
+                                    "epochs": round(TrialConfig.from_dict(base.settings).epochs * check.factor)})
+                  for base in (sorted(out, key=order) if check else []) if base.seed in seeds[:check.seeds]]
+        first = len(self.conditions()) * self.adaptive.min if self.adaptive else len(out)
+        return out[:first] + longer + out[first:]
 
     def tuning_work(self, condition: dict[str, str], number: int, params: dict[str, Any]) -> "Work":
         """Tuning trial `number` of a condition: a seed no replicate uses, on the base split."""
