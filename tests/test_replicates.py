@@ -95,6 +95,8 @@ def test_a_budget_stops_between_trials_exits_0_and_the_rerun_continues(tmp_path:
     rest = cli(capsys, "run", "--study", "smoke", "--results", str(tmp_path))
     assert rest.returncode == 0, rest.stderr
     assert f"16 trials, {states.count('COMPLETE')} already done" in rest.stderr
+    last = [line for line in rest.stderr.splitlines() if line.startswith("trials ")][-1]
+    assert last.startswith("trials 16/16 done · 0 running · 0 failed"), "the last trial stored is not running"
     assert [state for state, _ in _trials(db)].count("COMPLETE") == 16
     studies = cli(capsys, "studies", "--results", str(tmp_path))
     assert "replicates 2 done / 2" in studies.stdout, studies.stdout

@@ -197,12 +197,12 @@ def _family(analysis: Analysis, delta: float) -> str:
     parts = [f"{claims} claims × 2 intervals (gap and test accuracy)"]
     if len(analysis.heterogeneity):
         parts.append(f"{len(analysis.heterogeneity)} heterogeneity tests (one per pair of factors)")
-    words = {"effect": "main effects", "contrast": "contrasts", "interaction": "interactions"}
+    words = {"effect": "main effect", "contrast": "contrast", "interaction": "interaction"}
     simple = (f" The {len(analysis.simple)} simple effects (every main effect at every level of every other factor, "
               f"shown or not) are a second family of {analysis.simple_size} intervals, each at "
               f"{100 * analysis.simple_confidence:.2f}%: they say where an effect holds; no label rests on them."
               if len(analysis.simple) else "")
-    return (f"{claims} claims ({', '.join(f'{n} {words[k]}' for k, n in kinds.items())}), each a paired difference "
+    return (f"{claims} claims ({', '.join(f'{n} {words[k]}' + 's' * (n != 1) for k, n in kinds.items())}), each a paired difference "
             "(level − reference) in the gap and in test accuracy, one value per replicate: the mean of that "
             "replicate's pairs (same replicate, same levels of the other factors) over the grid's cells. The "
             "replicate is the unit: its conditions share its split, so its pairs are not independent; a replicate "

@@ -154,7 +154,9 @@ def _bridge(owner: dict[str, Store], distributions: dict, tuned: tuple[str, ...]
             self._show(trials, f"FAILED {key}: {error.strip().splitlines()[-1][:200]}")
 
         def _show(self, trials, event: str = "") -> None:
-            progress.running = sum(t.status == "RUNNING" for t in trials)
+            # RUNNING in Tune until its function returns: a trial whose summary is stored is done, not running
+            progress.running = sum(t.status == "RUNNING" and (k := t.config["work"]["key"]) in owner[k].open
+                                   for t in trials)
             progress.show(event)
 
     return Bridge()
