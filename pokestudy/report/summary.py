@@ -202,9 +202,9 @@ def _family(analysis: Analysis, delta: float) -> str:
               f"shown or not) are a second family of {analysis.simple_size} intervals, each at "
               f"{100 * analysis.simple_confidence:.2f}%: they say where an effect holds; no label rests on them."
               if len(analysis.simple) else "")
-    return (f"{claims} claims ({', '.join(f'{n} {words[k]}' + 's' * (n != 1) for k, n in kinds.items())}), each a paired difference "
-            "(level − reference) in the gap and in test accuracy, one value per replicate: the mean of that "
-            "replicate's pairs (same replicate, same levels of the other factors) over the grid's cells. The "
+    counted = ", ".join(f"{n} {words[k]}" + "s" * (n != 1) for k, n in kinds.items())
+    return (f"{claims} claims ({counted}), each a paired difference (level − reference) in the gap and in test "
+            "accuracy, one value per replicate: the mean of that replicate's pairs (same replicate, same levels of the other factors) over the grid's cells. The "
             "replicate is the unit: its conditions share its split, so its pairs are not independent; a replicate "
             f"missing a cell of a claim is left out of it. {_intervals(analysis.pilot_n, _most_replicates(analysis))}"
             f"**Family: {analysis.size}** = {' + '.join(parts)}: every interval is at "
