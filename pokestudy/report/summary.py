@@ -204,7 +204,8 @@ def _family(analysis: Analysis, delta: float) -> str:
               if len(analysis.simple) else "")
     counted = ", ".join(f"{n} {words[k]}" + "s" * (n != 1) for k, n in kinds.items())
     return (f"{claims} claims ({counted}), each a paired difference (level − reference) in the gap and in test "
-            "accuracy, one value per replicate: the mean of that replicate's pairs (same replicate, same levels of the other factors) over the grid's cells. The "
+            "accuracy, one value per replicate: the mean of that replicate's pairs (same replicate, same levels "
+            "of the other factors) over the grid's cells. The "
             "replicate is the unit: its conditions share its split, so its pairs are not independent; a replicate "
             f"missing a cell of a claim is left out of it. {_intervals(analysis.pilot_n, _most_replicates(analysis))}"
             f"**Family: {analysis.size}** = {' + '.join(parts)}: every interval is at "
