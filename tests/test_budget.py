@@ -34,6 +34,7 @@ def _store(tmp_path: Path, raw: dict, outcome) -> None:
         store.complete(work, _summary(train, test, True, predictions=len(data.sets["test"][1]), epochs=epochs))
 
 
+@pytest.mark.fast
 def test_the_budget_check_runs_longer_trials_for_the_stated_seeds():
     spec = Study.model_validate({"name": "b", "data": DATA, "factors": {"arch": ["cnn", "resnet"]},
                                  "fixed": {"epochs": 7}, "seeds": [4, 5, 6],
@@ -49,9 +50,10 @@ def test_the_budget_check_runs_longer_trials_for_the_stated_seeds():
     assert [w.budget for w in works] == [1] * 6 + [2] * 4, "a fixed design checks its budget last"
 
 
+@pytest.mark.fast
 def test_an_adaptive_study_checks_its_budget_right_after_its_pilot():
     """A budget too short makes every label 'budget too short', which no further replicate can lift: the
-    check runs before the replicates the pilot planned, so a run stopped on its budget has it first."""
+    plan puts the check before the replicates the pilot planned (the runner feeds trials in this order)."""
     spec = Study.model_validate({"name": "b", "data": DATA, "factors": {"arch": ["cnn", "resnet"]},
                                  "fixed": {"epochs": 7}, "replicates": {"min": 3, "max": 6},
                                  "budget_check": {"factor": 2, "seeds": 1}})
@@ -59,6 +61,9 @@ def test_an_adaptive_study_checks_its_budget_right_after_its_pilot():
     assert [(w.seed, w.budget) for w in works] == [(s, 1) for s in (0, 0, 1, 1, 2, 2)] + [(0, 2)] * 2 + [
         (s, 1) for s in (3, 3, 4, 4)]
     assert [w.budget for w in spec.trials()] == [1] * 6 + [2] * 2, "the pilot alone: the check after it"
+    wide = Study.model_validate({**spec.model_dump(), "budget_check": {"factor": 2, "seeds": 4}})
+    assert [(w.seed, w.budget) for w in wide.trials(planned=5)][6:] == [(s, 2) for s in (0, 0, 1, 1, 2, 2)] + [
+        (3, 1), (3, 1), (4, 1), (4, 1), (3, 2), (3, 2)], "a planned replicate's check comes after the replicate"
 
 
 @pytest.mark.fast

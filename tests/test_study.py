@@ -18,7 +18,7 @@ from pokestudy import UserError
 from pokestudy.cli import main
 from pokestudy.study import runner, spec
 from pokestudy.study.record import StudyRecord, TrialRecord
-from pokestudy.train import default_precision
+from pokestudy.train import TrialConfig, default_precision
 from tests.conftest import cli
 from tests.test_reliability import assert_one_line_error
 
@@ -104,7 +104,7 @@ def test_smoke_study_stores_every_trial_and_epoch_then_a_rerun_runs_nothing(smok
     info = StudyRecord.from_study(stored)
     resolved = study.with_precision(default_precision("cpu")).fixed  # `precision: auto`, as this CPU resolves it
     assert info.spec["fixed"] == resolved and info.identity["data"]["fingerprint"] == info.data["fingerprint"]
-    trained = {TrialRecord.from_trial(t).settings["precision"] for t in trials}
+    trained = {TrialConfig.from_dict(TrialRecord.from_trial(t).settings).precision for t in trials}  # fp32 implicit
     assert trained == {resolved.get("precision", "fp32")}, "each trial trains in the precision the study was made with"
     assert info.provenance.finished and stored.metric_names == ["val_acc (last epoch)"]
     assert len({t.user_attrs["key"] for t in trials}) == 16

@@ -130,8 +130,8 @@ class BudgetSpent(Exception):
 def _stage(spec: Study, best: dict | None, storage: str, study_name: str,
            identity: str) -> tuple[list[Work], bool]:
     """The trials to run now, and whether they are all the study will run. An adaptive study runs its
-    pilot (its first `min` replicates, without the budget check) first; once the pilot is done, every
-    replicate its variance asks for (`report.power.plan`: Stein's second stage), and the budget check."""
+    pilot (its first `min` replicates, without the budget check) first; once the pilot is done, the budget
+    check and every replicate its variance asks for (`report.power.plan`: Stein's second stage)."""
     if not spec.adaptive:
         return spec.trials(best), True
     pilot = [w for w in spec.trials(best) if w.budget == 1]
@@ -179,7 +179,8 @@ def _created_precision(spec: Study, storage: str, name: str, restart: bool, gpus
     names = [name, *(tuning_study(name, condition_id(c)) for c in spec.conditions() if spec.nuisance)]
     for stored in (find_study(storage, n) for n in ([] if restart else names)):
         if stored is not None and "spec" in stored.user_attrs:
-            return records.precisions(Study.model_validate(stored.user_attrs["spec"]))[0]  # fp32 where unnamed
+            fixed = stored.user_attrs["spec"]["fixed"]
+            return fixed["precision"] if "precision" in fixed else "fp32"  # fp32 stays implicit (`with_precision`)
     trial_gpus = spec.resources.gpus if gpus is None else gpus
     return default_precision("cuda" if trial_gpus else "cpu")
 

@@ -285,8 +285,12 @@ class Study(Strict):
                           settings={**base.settings,
                                     "epochs": round(TrialConfig.from_dict(base.settings).epochs * check.factor)})
                   for base in (sorted(out, key=order) if check else []) if base.seed in seeds[:check.seeds]]
-        first = len(self.conditions()) * self.adaptive.min if self.adaptive else len(out)
-        return out[:first] + longer + out[first:]
+        if not self.adaptive:
+            return out + longer
+        pilot = seeds[:self.adaptive.min]  # a check of a planned replicate waits for that replicate
+        first = len(self.conditions()) * len(pilot)
+        return (out[:first] + [w for w in longer if w.seed in pilot] + out[first:]
+                + [w for w in longer if w.seed not in pilot])
 
     def tuning_work(self, condition: dict[str, str], number: int, params: dict[str, Any]) -> "Work":
         """Tuning trial `number` of a condition: a seed no replicate uses, on the base split."""
