@@ -84,7 +84,9 @@ def test_a_budget_stops_between_trials_exits_0_and_the_rerun_continues(tmp_path:
     """The budgeted run is a process of its own (its clock counts Ray's start too); the rerun and the listing run
     in-process, on the session's Ray."""
     db = tmp_path / "pokestudy.db"
-    short = pokestudy("run", "--study", "smoke", "--results", str(tmp_path), "--budget", "20s", "--max-concurrent", "1")
+    # smoke at 4x its epochs: 16 trials one at a time outlast 30 s on a quiet machine (at 8 epochs they fit in 20 s)
+    smoke = str(write_spec(tmp_path, fixed={**spec.load("smoke").fixed, "epochs": 32}))
+    short = pokestudy("run", "--study", smoke, "--results", str(tmp_path), "--budget", "30s", "--max-concurrent", "1")
     assert short.returncode == 0, short.stderr
     assert "budget spent after" in short.stderr and "rerun with a larger --budget to continue" in short.stderr
     states = [state for state, _ in _trials(db)]
@@ -92,7 +94,7 @@ def test_a_budget_stops_between_trials_exits_0_and_the_rerun_continues(tmp_path:
     stored = optuna.load_study(study_name="smoke", storage=f"sqlite:///{db}")
     assert StudyRecord.from_study(stored).provenance.budget.spent
     assert "stopped on its budget" in (tmp_path / "smoke" / "summary.md").read_text()
-    rest = cli(capsys, "run", "--study", "smoke", "--results", str(tmp_path))
+    rest = cli(capsys, "run", "--study", smoke, "--results", str(tmp_path))
     assert rest.returncode == 0, rest.stderr
     assert f"16 trials, {states.count('COMPLETE')} already done" in rest.stderr
     last = [line for line in rest.stderr.splitlines() if line.startswith("trials ")][-1]
